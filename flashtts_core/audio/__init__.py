@@ -1,0 +1,1 @@
+"""Audio I/O: PyAV encoders for every response format, reference-audio decoding, resampling."""
