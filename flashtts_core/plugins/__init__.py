@@ -1,0 +1,52 @@
+"""The plugin contract: what backends and engines implement, and how they are found.
+
+Third-party plugins import only from here (never from ``flashtts_core.server`` or private modules).
+"""
+
+from flashtts_core.plugins.base import BACKEND_API_VERSION, ENGINE_API_VERSION, BackendBase, EngineBase, NoOptions
+from flashtts_core.plugins.registry import BACKEND_GROUP, ENGINE_GROUP, PluginInfo, Registry, get_registry
+from flashtts_core.plugins.types import (
+    AudioChunk,
+    BackendCapabilities,
+    BackendConfig,
+    BackendHealth,
+    EngineConfig,
+    EngineInfo,
+    FinishReason,
+    GenerationRequest,
+    ReferenceAudio,
+    SamplingOverrides,
+    SamplingParams,
+    SynthesisRequest,
+    TokenChunk,
+    VoiceInfo,
+    VoicePrompt,
+)
+
+__all__ = (
+    "BACKEND_API_VERSION",
+    "BACKEND_GROUP",
+    "ENGINE_API_VERSION",
+    "ENGINE_GROUP",
+    "AudioChunk",
+    "BackendBase",
+    "BackendCapabilities",
+    "BackendConfig",
+    "BackendHealth",
+    "EngineBase",
+    "EngineConfig",
+    "EngineInfo",
+    "FinishReason",
+    "GenerationRequest",
+    "NoOptions",
+    "PluginInfo",
+    "ReferenceAudio",
+    "Registry",
+    "SamplingOverrides",
+    "SamplingParams",
+    "SynthesisRequest",
+    "TokenChunk",
+    "VoiceInfo",
+    "VoicePrompt",
+    "get_registry",
+)

@@ -1,0 +1,164 @@
+"""Assembling a running model from settings: model directory → engine class → backend → engine → voices.
+
+Split in two steps so the CLI can fail fast with one clear line before anything heavy is imported:
+:func:`resolve` (cheap: directory checks, plugin lookup, availability) and :func:`open_runtime` (loads).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import msgspec
+
+from flashtts_core.config import ServerSettings
+from flashtts_core.errors import PluginError
+from flashtts_core.plugins.base import BackendBase, EngineBase
+from flashtts_core.plugins.registry import INSTALL_HINTS, Registry, get_registry
+from flashtts_core.plugins.types import BackendConfig, EngineConfig
+from flashtts_core.service import SynthesisService
+from flashtts_core.voices import VoiceStore
+
+__all__ = ("Plan", "Runtime", "demo_model_dir", "open_runtime", "resolve")
+
+logger = logging.getLogger(__name__)
+
+DEMO_FAMILIES = ("spark",)
+
+
+class Plan(msgspec.Struct, kw_only=True):
+    """What :func:`resolve` decided: the classes and directories to load."""
+
+    settings: ServerSettings
+    model_dir: Path
+    engine_cls: type[EngineBase]
+    backend_cls: type[BackendBase]
+
+
+class Runtime(msgspec.Struct, kw_only=True):
+    plan: Plan
+    backend: BackendBase
+    engine: EngineBase
+    service: SynthesisService
+    model_name: str
+
+
+def demo_model_dir(family: str) -> Path:
+    """Build (once, cached) the tiny random-weight checkpoint of ``family``."""
+    if family not in DEMO_FAMILIES:
+        raise PluginError(f"no demo checkpoint for {family!r}; available: {', '.join(DEMO_FAMILIES)}")
+    from flashtts_core.testing.checkpoints import tiny_checkpoint_dir
+
+    return tiny_checkpoint_dir(family)
+
+
+def _detect_engine(registry: Registry, model_dir: Path, settings: ServerSettings) -> type[EngineBase]:
+    if settings.engine is not None:
+        return registry.load_engine(settings.engine)
+    if settings.snac_path is not None:
+        return registry.load_engine("orpheus")
+    engines = registry.engines()
+    for cls in engines:
+        if cls.detect(model_dir):
+            return cls
+    known = ", ".join(cls.name for cls in engines) or "none"
+    raise PluginError(
+        f"{model_dir} is not a model directory any installed engine recognises (engines: {known}); "
+        "point --model_path at a Spark-TTS-0.5B, Orpheus or MegaTTS3 download, or pass --engine"
+    )
+
+
+def resolve(settings: ServerSettings, registry: Registry | None = None) -> Plan:
+    """Check everything that can be checked without loading weights. Raises :class:`PluginError`."""
+    registry = registry or get_registry()
+    if settings.demo is not None:
+        model_dir = demo_model_dir(settings.demo)
+    elif settings.model_path is None:
+        raise PluginError("no model given: pass --model_path DIR (or --demo to try a tiny random-weight model)")
+    else:
+        model_dir = Path(settings.model_path).expanduser()
+        if not model_dir.is_dir():
+            raise PluginError(f"--model_path {model_dir} is not a directory")
+    engine_cls = _detect_engine(registry, model_dir, settings)
+    backend_cls = registry.load_backend(settings.backend)
+    for cls in (engine_cls, backend_cls):
+        reason = cls.check_available()
+        if reason:
+            hint = INSTALL_HINTS.get(cls.name, "") if cls.kind == "backend" else ""
+            raise PluginError(f"the {cls.kind} {cls.name!r} cannot run here: {reason}" + (f" ({hint})" if hint else ""))
+    return Plan(settings=settings, model_dir=model_dir, engine_cls=engine_cls, backend_cls=backend_cls)
+
+
+def role_dir_for(plan: Plan) -> Path | None:
+    if plan.settings.role_dir is not None:
+        return Path(plan.settings.role_dir).expanduser()
+    default = plan.engine_cls.default_role_dir()
+    return Path(default) if default is not None else None
+
+
+@asynccontextmanager
+async def open_runtime(plan: Plan, *, warmup: bool | None = None) -> AsyncIterator[Runtime]:
+    """Load backend, engine and voices; shut them down on exit (also after a failed start)."""
+    s = plan.settings
+    options = dict(s.backend_options)
+    if s.cache_implementation is not None and plan.backend_cls.name == "torch":
+        options.setdefault("cache_implementation", s.cache_implementation)
+    backend = plan.backend_cls(
+        BackendConfig(
+            model_dir=str(plan.engine_cls.llm_dir(plan.model_dir)),
+            max_model_len=s.max_length,
+            dtype=s.torch_dtype,
+            device=s.llm_device,
+            seed=s.seed,
+            max_batch_size=s.llm_batch_size,
+            gpu_memory_utilization=s.llm_gpu_memory_utilization,
+            attn_implementation=s.llm_attn_implementation,
+            options=options,
+        )
+    )
+    engine_options = dict(s.engine_options)
+    for key in ("lang", "snac_path", "wav2vec_attn_implementation"):
+        value = getattr(s, key)
+        if value is not None and key in plan.engine_cls.Options.__struct_fields__:
+            engine_options.setdefault(key, value)
+    if s.fix_voice and "fix_voice" in plan.engine_cls.Options.__struct_fields__:
+        engine_options.setdefault("fix_voice", True)
+    engine = plan.engine_cls(
+        EngineConfig(
+            model_dir=str(plan.model_dir),
+            device=s.tokenizer_device,
+            detokenizer_device=s.detokenizer_device,
+            dtype=s.torch_dtype,
+            seed=s.seed,
+            batch_size=s.batch_size,
+            wait_timeout=s.wait_timeout,
+            state_dir=s.state_dir,
+            options=engine_options,
+        ),
+        backend,
+    )
+    try:
+        logger.info("loading the %s backend from %s", backend.name, backend.config.model_dir)
+        await backend.startup()
+        logger.info("loading the %s engine from %s", engine.name, plan.model_dir)
+        await engine.startup()
+        info = engine.info
+        voices = VoiceStore(
+            role_dir_for(plan) if info.supports_cloning else None,
+            engine=engine.name,
+            fingerprint=engine.fingerprint,
+            prepare=engine.prepare_voice,
+            builtin=frozenset(v.name for v in info.builtin_voices),
+        )
+        await voices.load()
+        service = SynthesisService(engine, voices, max_queue=s.max_queue)
+        if s.warmup if warmup is None else warmup:
+            await engine.warmup()
+        yield Runtime(
+            plan=plan, backend=backend, engine=engine, service=service, model_name=s.model_name or engine.name
+        )
+    finally:
+        await engine.shutdown()
+        await backend.shutdown()
