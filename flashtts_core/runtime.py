@@ -73,6 +73,7 @@ def _detect_engine(registry: Registry, model_dir: Path, settings: ServerSettings
 def resolve(settings: ServerSettings, registry: Registry | None = None) -> Plan:
     """Check everything that can be checked without loading weights. Raises :class:`PluginError`."""
     registry = registry or get_registry()
+    backend_cls = registry.load_backend(settings.backend)
     if settings.demo is not None:
         model_dir = demo_model_dir(settings.demo)
     elif settings.model_path is None:
@@ -82,7 +83,6 @@ def resolve(settings: ServerSettings, registry: Registry | None = None) -> Plan:
         if not model_dir.is_dir():
             raise PluginError(f"--model_path {model_dir} is not a directory")
     engine_cls = _detect_engine(registry, model_dir, settings)
-    backend_cls = registry.load_backend(settings.backend)
     for cls in (engine_cls, backend_cls):
         reason = cls.check_available()
         if reason:

@@ -144,7 +144,7 @@ class Registry:
                 try:
                     cls = self._load_entry(entry)
                 except PluginError as exc:
-                    status: PluginStatus = "incompatible" if "API" in exc.message else "broken"
+                    status: PluginStatus = "incompatible" if exc.code == "incompatible" else "broken"
                     rows.append(self._info(entry, status, exc.message))
                     continue
                 reason = cls.check_available()
@@ -212,11 +212,12 @@ class Registry:
             fix = (
                 "upgrade flashtts-core (pip install -U flashtts-core)"
                 if newer
-                else f"pip install -U {entry.distribution}"
+                else f"upgrade it (pip install -U {entry.distribution})"
             )
             raise PluginError(
                 f"{entry.distribution} {entry.version} implements {entry.kind} API {got}; "
-                f"this flashtts-core speaks {entry.kind} API {expected}: {fix}"
+                f"this flashtts-core speaks {entry.kind} API {expected}: {fix}",
+                code="incompatible",
             )
         if getattr(cls, "name", None) != entry.name:
             raise PluginError(f"Error loading {where}: class declares name {getattr(cls, 'name', None)!r}")
