@@ -11,6 +11,7 @@ running-request count behind ``health()``, idempotent ``shutdown()`` and option 
 from __future__ import annotations
 
 import abc
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -165,9 +166,12 @@ class BackendBase(abc.ABC):
         """Stream generated ids for ``request``. Validation errors surface at the first ``__anext__``."""
         request = self.validate(request)
         self._running += 1
+        # aclosing: when our consumer closes us (or is cancelled while we are suspended at ``yield``), the inner
+        # generator must run its ``finally`` (the runtime abort) now, not whenever it is garbage-collected.
         try:
-            async for chunk in self._generate(request):
-                yield chunk
+            async with contextlib.aclosing(self._generate(request)) as chunks:
+                async for chunk in chunks:
+                    yield chunk
         finally:
             self._running -= 1
 
