@@ -69,6 +69,7 @@ class BackendBase(abc.ABC):
     Subclasses set ``name``, implement ``startup()`` (load weights; blocking work off the event loop),
     ``capabilities`` and ``_generate()``; optionally ``_shutdown()`` and ``check_available()``.
     ``_generate`` receives an already validated request whose ``max_tokens`` fits the context, and must:
+    decode greedily when ``temperature == 0`` (mandatory, whatever ``capabilities.sampling`` declares);
     yield deltas; end with exactly one chunk carrying the finish reason; never include stop ids; abort the
     work in the runtime when the generator is closed or its task cancelled (put that in ``finally``).
     """
@@ -144,7 +145,10 @@ class BackendBase(abc.ABC):
         caps = self.capabilities
         sampling = request.sampling
         for field, off in OPTIONAL_SAMPLING_FIELDS.items():
-            if field not in caps.sampling and getattr(sampling, field) != off:
+            value = getattr(sampling, field)
+            if field == "temperature" and value == 0.0:
+                continue  # greedy decoding is mandatory for every backend
+            if field not in caps.sampling and value != off:
                 raise UnsupportedSamplingError(
                     f"the {self.name!r} backend does not support the sampling parameter {field!r}", param=field
                 )

@@ -219,10 +219,8 @@ class BackendConformance:
 
     @pytest.fixture(scope="class")
     @classmethod
-    def greedy(cls, capabilities: BackendCapabilities) -> dict[str, Any]:
-        """Sampling kwargs for greedy decoding; skips tests that need it when temperature is not honoured."""
-        if "temperature" not in capabilities.sampling:
-            pytest.skip("the backend does not honour temperature, so greedy (temperature=0) runs are impossible")
+    def greedy(cls) -> dict[str, Any]:
+        """Sampling kwargs for greedy decoding, which every backend must support."""
         return {"temperature": 0.0}
 
     @pytest_asyncio.fixture(scope="class", loop_scope="class")
