@@ -616,6 +616,7 @@ def _build_tiny_causal_lm(
     script: TokenScript | None,
     seed: int,
     dtype: WeightDtype,
+    vocab_size: int | None = None,
 ) -> Path:
     if dtype not in ("float32", "bfloat16", "float16"):
         raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype!r}")
@@ -644,7 +645,7 @@ def _build_tiny_causal_lm(
     n_tokens = tok.get_vocab_size(with_added_tokens=True)
     shape = _Shape(
         arch=arch,
-        vocab_size=_round_up(n_tokens, 64),
+        vocab_size=max(_round_up(n_tokens, 64), vocab_size or 0),
         hidden_size=hidden_size,
         intermediate_size=intermediate_size,
         num_hidden_layers=num_hidden_layers,
@@ -743,10 +744,12 @@ def build_tiny_qwen2(
     script: TokenScript | None = None,
     seed: int = 0,
     dtype: WeightDtype = "float32",
+    vocab_size: int | None = None,
 ) -> Path:
     """Write a tiny random-weight ``Qwen2ForCausalLM`` (Qwen2 tokenizer files) into ``out_dir``; return it.
 
-    ``vocab_size`` is the tokenizer length rounded up to a multiple of 64. ``bos_token_id`` is ``<|endoftext|>`` as
+    ``vocab_size`` is the tokenizer length rounded up to a multiple of 64, or the given ``vocab_size`` if larger
+    (benchmarks use the real checkpoint's padded vocabulary, whose size matters for the LM head). ``bos_token_id`` is ``<|endoftext|>`` as
     in Qwen2.5 (no BOS is added to prompts). The output is byte-identical for identical arguments.
     With ``script``, greedy decoding follows it (needs ``tie_word_embeddings=False``; see :class:`TokenScript`).
     """
@@ -768,6 +771,7 @@ def build_tiny_qwen2(
         script=script,
         seed=seed,
         dtype=dtype,
+        vocab_size=vocab_size,
     )
 
 
