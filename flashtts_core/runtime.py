@@ -25,8 +25,6 @@ __all__ = ("Plan", "Runtime", "demo_model_dir", "open_runtime", "resolve")
 
 logger = logging.getLogger(__name__)
 
-DEMO_FAMILIES = ("spark",)
-
 
 class Plan(msgspec.Struct, kw_only=True):
     """What :func:`resolve` decided: the classes and directories to load."""
@@ -47,10 +45,10 @@ class Runtime(msgspec.Struct, kw_only=True):
 
 def demo_model_dir(family: str) -> Path:
     """Build (once, cached) the tiny random-weight checkpoint of ``family``."""
-    if family not in DEMO_FAMILIES:
-        raise PluginError(f"no demo checkpoint for {family!r}; available: {', '.join(DEMO_FAMILIES)}")
-    from flashtts_core.testing.checkpoints import tiny_checkpoint_dir
+    from flashtts_core.testing.checkpoints import FAMILIES, tiny_checkpoint_dir
 
+    if family not in FAMILIES:
+        raise PluginError(f"no demo checkpoint for {family!r}; available: {', '.join(FAMILIES)}")
     return tiny_checkpoint_dir(family)
 
 

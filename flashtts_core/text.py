@@ -18,7 +18,10 @@ from flashtts_core.plugins.types import Level
 
 __all__ = ("DialogueTurn", "has_cjk", "parse_multi_speaker", "split_text")
 
-_SENTENCE_END = re.compile(r"(?<=[。？！；;.!?：:])")
+# Split after sentence punctuation. ASCII ``.``/``:`` etc. only count when no letter or digit follows, so decimals
+# ("3.14"), times ("10:30") and abbreviations inside words stay whole: FlashTTS has no text normaliser that would have
+# verbalised them first, as the original's WeTextProcessing step did.
+_SENTENCE_END = re.compile(r"(?<=[。？！；：])|(?<=[;.!?:])(?![0-9A-Za-z])")
 _CLAUSE_END = re.compile(r"(?<=[，,、])")
 _CJK = re.compile(r"[\u4e00-\u9fff]")
 _LEVELS = ("very_low", "low", "moderate", "high", "very_high")
@@ -45,7 +48,8 @@ def _hard_cut(text: str, window: int, count: Callable[[str], int]) -> list[str]:
     current: list[str] = []
     for unit in units:
         candidate = joiner.join([*current, unit])
-        if current and count(candidate) > window:
+        # Punctuation never starts a piece (it would be dropped as a punctuation-only segment and lost).
+        if current and count(candidate) > window and not _only_punct(unit):
             out.append(joiner.join(current))
             current = [unit]
         else:
@@ -56,9 +60,13 @@ def _hard_cut(text: str, window: int, count: Callable[[str], int]) -> list[str]:
 
 
 def split_text(text: str, *, count_tokens: Callable[[str], int], length_threshold: int, window_size: int) -> list[str]:
-    """Split ``text`` into segments of at most ``window_size`` tokens (one segment if it is short)."""
+    """Split ``text`` into segments of at most ``window_size`` tokens (one segment if it is short).
+
+    Returns ``[]`` for text without anything to speak (empty, or only punctuation/symbols/space)."""
     text = text.strip()
     if not text:
+        return []
+    if _only_punct(text):
         return []
     if count_tokens(text) <= length_threshold:
         return [text]
