@@ -8,16 +8,18 @@ to the engine. Audio comes back as mono float32 arrays at ``engine.info.sample_r
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, Iterator
 from typing import TYPE_CHECKING
 
 import msgspec
 
 from flashtts_core.errors import (
+    AudioDecodeError,
     InvalidRequestError,
     OverloadedError,
     UnsupportedFeatureError,
@@ -99,21 +101,24 @@ class SynthesisService:
         if hit is not None and now - hit[0] < _REFERENCE_CACHE_TTL:
             self._ref_cache.move_to_end(key)
             return hit[1]
-        prompt = await self.engine.prepare_voice(reference)
+        with _reference_param(param):
+            prompt = await self.engine.prepare_voice(reference)
         self._ref_cache[key] = (now, prompt)
         while len(self._ref_cache) > _REFERENCE_CACHE_SIZE:
             self._ref_cache.popitem(last=False)
         return prompt
 
-    async def add_voice(self, name: str, reference: ReferenceAudio) -> None:
+    async def add_voice(self, name: str, reference: ReferenceAudio, *, param: str = "audio") -> None:
+        """Store ``reference`` as the voice ``name``; audio problems are reported against ``param``."""
         if not self.engine.info.supports_cloning:
             raise UnsupportedFeatureError(
                 f"the loaded {self.engine.info.name!r} engine does not support custom voices", param="name"
             )
-        wav = reference.data
-        if not wav.startswith(b"RIFF"):
-            wav = await asyncio.to_thread(_to_wav, reference.data)
-        await self.voices.add(name, reference, audio_wav=wav)
+        with _reference_param(param):
+            wav = reference.data
+            if not wav.startswith(b"RIFF"):
+                wav = await asyncio.to_thread(_to_wav, reference.data)
+            await self.voices.add(name, reference, audio_wav=wav)
 
     async def delete_voice(self, name: str) -> None:
         if not self.engine.info.supports_cloning:
@@ -133,7 +138,7 @@ class SynthesisService:
                     f"the {self.engine.info.name!r} engine does not support {field!r}; leave it out", param=field
                 )
 
-    async def synthesize(self, request: SynthesisRequest) -> AsyncIterator[np.ndarray]:
+    async def synthesize(self, request: SynthesisRequest) -> AsyncGenerator[np.ndarray, None]:
         """Stream mono float32 audio. Admission and validation errors surface at the first ``__anext__``."""
         self.check_controls(request)
         if self._active >= self.max_queue:
@@ -142,13 +147,18 @@ class SynthesisService:
             )
         self._active += 1
         try:
-            async for chunk in self.engine.synthesize(request):
-                if chunk.samples.size:
-                    yield chunk.samples
+            # aclosing: when our consumer closes us (client gone), the engine's generator, and through it the
+            # backend's, must stop now, not whenever the garbage collector finalises it.
+            async with contextlib.aclosing(self.engine.synthesize(request)) as chunks:
+                async for chunk in chunks:
+                    if chunk.samples.size:
+                        yield chunk.samples
         finally:
             self._active -= 1
 
-    async def synthesize_dialogue(self, turns: list[DialogueTurn], base: SynthesisRequest) -> AsyncIterator[np.ndarray]:
+    async def synthesize_dialogue(
+        self, turns: list[DialogueTurn], base: SynthesisRequest
+    ) -> AsyncGenerator[np.ndarray, None]:
         """Multi-speaker text: every turn in order with its own voice (all voices checked up front)."""
         if not turns:
             raise InvalidRequestError(
@@ -169,8 +179,20 @@ class SynthesisService:
                 )
             )
         for request in requests:
-            async for samples in self.synthesize(request):
-                yield samples
+            async with contextlib.aclosing(self.synthesize(request)) as chunks:
+                async for samples in chunks:
+                    yield samples
+
+
+@contextlib.contextmanager
+def _reference_param(param: str) -> Iterator[None]:
+    """Report reference-audio problems against the request field that carried the audio (the engine does not
+    know whether it came as ``reference_audio_file``, ``audio`` or ``voice``)."""
+    try:
+        yield
+    except AudioDecodeError as exc:
+        exc.param = param
+        raise
 
 
 def _to_wav(data: bytes) -> bytes:

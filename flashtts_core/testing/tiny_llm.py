@@ -749,8 +749,9 @@ def build_tiny_qwen2(
     """Write a tiny random-weight ``Qwen2ForCausalLM`` (Qwen2 tokenizer files) into ``out_dir``; return it.
 
     ``vocab_size`` is the tokenizer length rounded up to a multiple of 64, or the given ``vocab_size`` if larger
-    (benchmarks use the real checkpoint's padded vocabulary, whose size matters for the LM head). ``bos_token_id`` is ``<|endoftext|>`` as
-    in Qwen2.5 (no BOS is added to prompts). The output is byte-identical for identical arguments.
+    (benchmarks use the real checkpoint's padded vocabulary, whose size matters for the LM head).
+    ``bos_token_id`` is ``<|endoftext|>`` as in Qwen2.5 (no BOS is added to prompts). The output is byte-identical
+    for identical arguments.
     With ``script``, greedy decoding follows it (needs ``tie_word_embeddings=False``; see :class:`TokenScript`).
     """
     return _build_tiny_causal_lm(

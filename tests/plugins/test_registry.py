@@ -128,7 +128,7 @@ def test_duplicate_names_are_an_error(fake_module: str) -> None:
             _ep("good", f"{fake_module}:GoodBackend", BACKEND_GROUP, "flashtts-other"),
         ]
     )
-    with pytest.raises(PluginError, match="flashtts-good 1.0 and flashtts-other 1.0"):
+    with pytest.raises(PluginError, match=r"flashtts-good 1\.0 and flashtts-other 1\.0"):
         reg.load_backend("good")
     assert {r.status for r in reg.list(check=True)} == {"broken"}
 
