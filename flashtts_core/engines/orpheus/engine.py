@@ -41,6 +41,14 @@ import anyio.to_thread
 import msgspec
 
 from flashtts_core.batching import DynamicBatcher
+from flashtts_core.engines.common import (
+    DEFAULT_MAX_TOKENS,
+    DEFAULT_SAMPLING,
+    build_sampling,
+    resolve_device,
+    retry_seed,
+    segment_concurrency,
+)
 from flashtts_core.engines.orpheus.languages import LANG_MAP, LanguageSpec, resolve_language
 from flashtts_core.engines.orpheus.streaming import (
     NON_STREAMING_SCHEDULE,
@@ -77,13 +85,11 @@ if TYPE_CHECKING:
 
     from flashtts_core.engines.orpheus.snac import SnacDecoder
 
-__all__ = ("DEFAULT_MAX_TOKENS", "DEFAULT_SAMPLING", "OrpheusEngine", "OrpheusOptions")
+__all__ = ("OrpheusEngine", "OrpheusOptions")
 
 logger = logging.getLogger(__name__)
 
 #: FlashTTS's Orpheus sampling defaults (models.md §B.3); the official package used 0.6 / 0.8 / 1.3 / 1200 tokens.
-DEFAULT_SAMPLING: dict[str, float | int] = {"temperature": 0.9, "top_k": 50, "top_p": 0.95, "repetition_penalty": 1.0}
-DEFAULT_MAX_TOKENS = 4096
 SAMPLE_RATE = 24000
 #: Warm-up: the original's text, and a budget of 10 frames (enough to run the LLM, the parser and one SNAC decode).
 WARMUP_TEXT = "test audio."
@@ -106,20 +112,6 @@ class _End:
 
 _END = _End()
 _Frame = tuple[int, ...]
-
-
-def _resolve_device(device: str) -> str:
-    if device != "auto":
-        return device
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def _fresh_seed(seed: int | None, attempt: int) -> int | None:
-    if seed is None or attempt == 0:
-        return seed
-    return (seed + 1_000_003 * attempt) % (1 << 63)
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -186,7 +178,7 @@ class OrpheusEngine(EngineBase):
         snac_dir = resolve_snac_dir(model_dir, self.options.snac_path)
         tokenizer, tokens = await anyio.to_thread.run_sync(self._load_tokenizer, tokenizer_file)
         self._check_vocab(model_dir, tokens)
-        device = _resolve_device(self.config.detokenizer_device)
+        device = resolve_device(self.config.detokenizer_device)
         snac = await anyio.to_thread.run_sync(lambda: load_snac(snac_dir, device=device))
         self._tokenizer, self.tokens, self._snac = tokenizer, tokens, snac
         self._sample_rate = snac.sample_rate
@@ -306,27 +298,16 @@ class OrpheusEngine(EngineBase):
         return voice
 
     def _sampling(self, overrides: SamplingOverrides) -> SamplingParams:
-        """Engine defaults for what the backend honours, plus everything the client set explicitly (so a field the
-        backend cannot honour surfaces as its UnsupportedSamplingError instead of being dropped)."""
         _, tokens = self._ready()
-        caps = self.backend.capabilities.sampling
-        fields: dict[str, Any] = {}
-        for name, default in DEFAULT_SAMPLING.items():
-            value = getattr(overrides, name)
-            if value is not None:
-                fields[name] = value
-            elif name in caps:
-                fields[name] = default
-        if overrides.seed is not None:
-            fields["seed"] = overrides.seed
-        elif "seed" in caps:
-            fields["seed"] = self.config.seed
-        return SamplingParams(
-            max_tokens=overrides.max_tokens or DEFAULT_MAX_TOKENS,
+        # The allowed set keeps the LLM inside the audio vocabulary; the slot of each position is checked by the parser.
+        return build_sampling(
+            self.backend,
+            overrides,
+            defaults=DEFAULT_SAMPLING,
+            max_tokens=DEFAULT_MAX_TOKENS,
+            engine_seed=self.config.seed,
             stop_token_ids=tokens.stop_ids,
-            # Keeps the LLM inside the audio vocabulary; the slot of each position is checked by the parser.
-            allowed_token_ids=self._allowed if "allowed_token_ids" in caps else None,
-            **fields,
+            allowed_token_ids=self._allowed,
         )
 
     async def synthesize(self, request: SynthesisRequest) -> AsyncIterator[AudioChunk]:
@@ -379,12 +360,6 @@ class _Job:
             raise InvalidRequestError("the text is empty; send some words to speak", param="input")
         self.sampling = engine._sampling(request.sampling)
 
-    def _concurrency(self) -> int:
-        backend = self.engine.backend
-        limit = max(1, int(getattr(backend.config, "max_batch_size", 1) or 1))
-        cap = backend.capabilities.max_concurrency
-        return min(limit, cap) if cap else limit
-
     # --- generation ----------------------------------------------------------------------------------------------
 
     async def _segment(self, index: int, semaphore: asyncio.Semaphore) -> None:
@@ -417,7 +392,7 @@ class _Job:
         engine, request = self.engine, self.request
         assert self.sampling is not None and engine.tokens is not None
         sampling = self.sampling
-        seed = _fresh_seed(sampling.seed, attempt)
+        seed = retry_seed(sampling.seed, attempt)
         if seed != sampling.seed:
             sampling = msgspec.structs.replace(sampling, seed=seed)
         generation = GenerationRequest(
@@ -471,7 +446,7 @@ class _Job:
     async def run(self) -> AsyncIterator[np.ndarray]:
         n = len(self.segments)
         self.queues = [asyncio.Queue() for _ in range(n)]
-        semaphore = asyncio.Semaphore(self._concurrency())
+        semaphore = asyncio.Semaphore(segment_concurrency(self.engine.backend))
         self.tasks = [
             asyncio.create_task(self._segment(i, semaphore), name=f"orpheus-{self.request.request_id}-{i}")
             for i in range(n)

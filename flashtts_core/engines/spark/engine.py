@@ -41,13 +41,21 @@ import logging
 import os
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Literal
+from typing import TYPE_CHECKING, ClassVar, Literal
 
 import anyio.to_thread
 import msgspec
 import numpy as np
 
 from flashtts_core.batching import DynamicBatcher
+from flashtts_core.engines.common import (
+    DEFAULT_MAX_TOKENS,
+    DEFAULT_SAMPLING,
+    build_sampling,
+    resolve_device,
+    retry_seed,
+    segment_concurrency,
+)
 from flashtts_core.engines.spark.streaming import (
     NON_STREAMING_SCHEDULE,
     STREAMING_SCHEDULE,
@@ -86,8 +94,6 @@ __all__ = ("SparkEngine", "SparkOptions")
 logger = logging.getLogger(__name__)
 
 #: FlashTTS's sampling defaults for Spark (models.md §A.10); the original CLI used temperature 0.8 / 3000 tokens.
-DEFAULT_SAMPLING: dict[str, float | int] = {"temperature": 0.9, "top_k": 50, "top_p": 0.95, "repetition_penalty": 1.0}
-DEFAULT_MAX_TOKENS = 4096
 SAMPLE_RATE = 16000
 REFERENCE_MIN_SECONDS = 0.5
 REFERENCE_MAX_SECONDS = 30.0
@@ -116,20 +122,6 @@ class _End:
 
 
 _END = _End()
-
-
-def _resolve_device(device: str) -> str:
-    if device != "auto":
-        return device
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def _fresh_seed(seed: int | None, attempt: int) -> int | None:
-    if seed is None or attempt == 0:
-        return seed
-    return (seed + 1_000_003 * attempt) % (1 << 63)
 
 
 class SparkEngine(EngineBase):
@@ -181,8 +173,8 @@ class SparkEngine(EngineBase):
 
         model_dir = Path(self.config.model_dir)
         dtype = None if self.config.dtype == "auto" else self.config.dtype
-        enc_device = _resolve_device(self.config.device)
-        dec_device = _resolve_device(self.config.detokenizer_device)
+        enc_device = resolve_device(self.config.device)
+        dec_device = resolve_device(self.config.detokenizer_device)
         encoder = await anyio.to_thread.run_sync(BiCodec.from_pretrained, model_dir, enc_device, dtype)
         decoder = encoder
         if dec_device != enc_device:
@@ -418,29 +410,17 @@ class SparkEngine(EngineBase):
 
     # --- synthesis -----------------------------------------------------------------------------------------------
 
-    def _sampling(self, overrides: SamplingOverrides) -> tuple[SamplingParams, int | None]:
-        """Engine defaults for what the backend honours, plus everything the client set explicitly (so a field the
-        backend cannot honour surfaces as its UnsupportedSamplingError instead of being dropped)."""
+    def _sampling(self, overrides: SamplingOverrides) -> SamplingParams:
         tok = self._ready()
-        caps = self.backend.capabilities.sampling
-        fields: dict[str, Any] = {}
-        for name, default in DEFAULT_SAMPLING.items():
-            value = getattr(overrides, name)
-            if value is not None:
-                fields[name] = value
-            elif name in caps:
-                fields[name] = default
-        if overrides.seed is not None:
-            seed: int | None = overrides.seed
-        else:
-            seed = self.config.seed if "seed" in caps else None
-        params = SamplingParams(
-            max_tokens=overrides.max_tokens or DEFAULT_MAX_TOKENS,
+        return build_sampling(
+            self.backend,
+            overrides,
+            defaults=DEFAULT_SAMPLING,
+            max_tokens=DEFAULT_MAX_TOKENS,
+            engine_seed=self.config.seed,
             stop_token_ids=tok.stop_ids,
-            allowed_token_ids=tok.allowed_ids if "allowed_token_ids" in caps else None,
-            **fields,
+            allowed_token_ids=tok.allowed_ids,
         )
-        return params, seed
 
     async def synthesize(self, request: SynthesisRequest) -> AsyncIterator[AudioChunk]:
         """Mono float32 chunks at 16 kHz. Validation errors surface at the first ``__anext__``."""
@@ -512,7 +492,8 @@ class _Job:
         )
         if not self.segments:
             raise InvalidRequestError("the text has nothing to speak; send some words", param="text")
-        self.sampling, self.seed = engine._sampling(request.sampling)
+        self.sampling = engine._sampling(request.sampling)
+        self.seed = self.sampling.seed
         if self.gender is not None and engine.options.fix_voice and self.allow_pin:
             pinned = engine._pinned.get(self.gender)
             if pinned is None:
@@ -556,12 +537,6 @@ class _Job:
             pitch=request.pitch,
             speed=request.speed,
         )
-
-    def _concurrency(self) -> int:
-        backend = self.engine.backend
-        limit = max(1, int(getattr(backend.config, "max_batch_size", 1) or 1))
-        cap = backend.capabilities.max_concurrency
-        return min(limit, cap) if cap else limit
 
     # --- generation ----------------------------------------------------------------------------------------------
 
@@ -608,7 +583,7 @@ class _Job:
         tok, queue = self.tok, self.queues[index]
         controllable_prefix = self.gender is not None and self.fragment is None
         parser = tok.parser(controllable=controllable_prefix)
-        sampling = msgspec.structs.replace(self.sampling, seed=_fresh_seed(self.seed, attempt))
+        sampling = msgspec.structs.replace(self.sampling, seed=retry_seed(self.seed, attempt))
         if attempt and self.seed is not None and "seed" not in self.engine.backend.capabilities.sampling:
             sampling = msgspec.structs.replace(sampling, seed=None)
         generation = GenerationRequest(
@@ -670,7 +645,7 @@ class _Job:
     async def run(self) -> AsyncIterator[np.ndarray]:
         n = len(self.segments)
         self.queues = [asyncio.Queue() for _ in range(n)]
-        semaphore = asyncio.Semaphore(self._concurrency())
+        semaphore = asyncio.Semaphore(segment_concurrency(self.engine.backend))
         self.tasks = [
             asyncio.create_task(self._segment(i, semaphore), name=f"spark-{self.request.request_id}-{i}")
             for i in range(n)

@@ -13,7 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from flashtts_core.engines.orpheus.engine import DEFAULT_MAX_TOKENS, OrpheusEngine
+from flashtts_core.engines.common import DEFAULT_MAX_TOKENS
+from flashtts_core.engines.orpheus.engine import OrpheusEngine
 from flashtts_core.errors import (
     GenerationError,
     InvalidRequestError,
