@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib
 import platform
 import resource
 import statistics
@@ -66,7 +67,11 @@ async def one(backend: object, i: int, prompt_len: int, max_tokens: int, seed: i
 
 async def main_async(args: argparse.Namespace) -> None:
     model_dir = checkpoint(args.preset)
-    cls = get_registry().load_backend(args.backend)
+    if ":" in args.backend:  # module:Class, for a backend that is importable but not installed as a distribution
+        module, _, name = args.backend.partition(":")
+        cls = getattr(importlib.import_module(module), name)
+    else:
+        cls = get_registry().load_backend(args.backend)
     backend = cls(
         BackendConfig(
             model_dir=str(model_dir),
@@ -111,7 +116,7 @@ async def main_async(args: argparse.Namespace) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--backend", default="torch")
+    p.add_argument("--backend", default="torch", help="backend name, or module:Class")
     p.add_argument("--preset", choices=tuple(PRESETS), default="tiny")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
