@@ -44,7 +44,14 @@ def _orpheus(**params: Any) -> Path:
     return tiny_orpheus_dir(**params)
 
 
-_FAMILIES: dict[str, Callable[..., Path]] = {"spark": _spark, "orpheus": _orpheus}
+def _mega(**params: Any) -> Path:
+    """MegaTTS3 layout: ``aligner_lm/``, ``diffusion_transformer/``, ``duration_lm/``, ``g2p/``, ``wavvae/``."""
+    from flashtts_core.testing.tiny_mega import tiny_mega_dir
+
+    return tiny_mega_dir(**params)
+
+
+_FAMILIES: dict[str, Callable[..., Path]] = {"spark": _spark, "orpheus": _orpheus, "mega": _mega}
 FAMILIES: tuple[str, ...] = tuple(_FAMILIES)
 
 
@@ -52,7 +59,7 @@ def tiny_checkpoint_dir(family: str = "spark", **params: Any) -> Path:
     """Return the cached tiny checkpoint directory of ``family`` (built on first use, about a second or two).
 
     ``params`` are passed to the family's builder (spark: ``semantic_tokens``, ``seed``, ``scripted``; orpheus: see
-    :func:`flashtts_core.testing.tiny_orpheus.tiny_orpheus_dir`)."""
+    :func:`flashtts_core.testing.tiny_orpheus.tiny_orpheus_dir`; mega: ``seed``)."""
     builder = _FAMILIES.get(family)
     if builder is None:
         raise ValueError(f"no tiny checkpoint for {family!r}; available: {', '.join(sorted(_FAMILIES))}")
