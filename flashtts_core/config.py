@@ -59,4 +59,7 @@ class ServerSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     allow_private_urls: bool = False
     url_timeout: Annotated[float, Meta(gt=0.0)] = 10.0
     max_queue: Annotated[int, Meta(ge=1)] = 64
-    request_timeout: Annotated[float, Meta(gt=0.0)] | None = None
+    request_timeout: Annotated[float, Meta(gt=0.0)] | None = None  # s, per request (None = no budget)
+    max_segments: Annotated[int, Meta(ge=1)] = 256  # LLM generations one request may split into (all turns)
+    # --- observability --------------------------------------------------------------------------------------
+    metrics_public: bool = False  # serve /metrics without the API key (it always needs none when no key is set)

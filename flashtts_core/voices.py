@@ -101,6 +101,13 @@ def _find_audio(folder: Path) -> Path | None:
     return None
 
 
+def _remove_leftovers(name: str, folder: Path) -> None:
+    """Delete what an interrupted prompt-cache write left inside a role folder (start-up only)."""
+    for leftover in folder.glob(f"{_TMP_PREFIX}*"):
+        logger.warning("removing incomplete file %s/%s (an earlier write was interrupted)", name, leftover.name)
+        leftover.unlink(missing_ok=True)
+
+
 def _find_latent(folder: Path) -> Path | None:
     preferred = folder / "reference_latent.npy"
     if preferred.is_file():
@@ -156,6 +163,7 @@ class VoiceStore:
         logger.info("loaded %d voice(s) from %s", len(self._roles), self.role_dir)
 
     async def _load_role(self, name: str, folder: Path) -> Role | None:
+        _remove_leftovers(name, folder)
         audio = _find_audio(folder)
         if audio is None:
             logger.warning("skipping role %r: no reference audio in %s", name, folder)

@@ -16,7 +16,7 @@ __all__ = ("build_parser", "main")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from flashtts_core.cli import infer, plugins, serve
+    from flashtts_core.cli import convert, infer, plugins, serve
 
     parser = argparse.ArgumentParser(
         prog="flashtts",
@@ -27,6 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_parser(sub)
     infer.add_parser(sub)
     plugins.add_parser(sub)
+    convert.add_parser(sub)
     return parser
 
 

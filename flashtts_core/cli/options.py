@@ -46,6 +46,14 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
         metavar="KEY=VALUE",
         help="backend-specific option (repeatable); see the backend's README",
     )
+    g.add_argument(
+        "--llm_gguf",
+        dest="backend_option",  # appends "gguf=PATH": the llama-cpp backend's option, validated by the backend
+        action="append",
+        type="gguf={}".format,
+        metavar="PATH",
+        help="GGUF file of the LLM for the llama-cpp backend (same as --backend_option gguf=PATH)",
+    )
 
 
 def parse_key_values(items: list[str], flag: str) -> dict[str, Any]:

@@ -43,6 +43,25 @@ def add_parser(sub: Any) -> None:
     lim.add_argument("--max_upload_bytes", type=int, default=20 * 1024 * 1024, help="largest accepted upload")
     lim.add_argument("--allow_private_urls", action="store_true", help="allow reference URLs on private networks")
     lim.add_argument("--max_queue", type=int, default=64, help="requests in progress beyond which 503 is returned")
+    lim.add_argument(
+        "--max_segments",
+        type=int,
+        default=256,
+        help="most LLM generations (text segments, all dialogue turns together) one request may need",
+    )
+    lim.add_argument(
+        "--request_timeout",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="time budget of one synthesis: 504 before the audio starts, a clean end of the stream after (off)",
+    )
+    lim.add_argument("--url_timeout", type=float, default=10.0, help="timeout of reference-audio URL downloads (s)")
+    g.add_argument(
+        "--metrics_public",
+        action="store_true",
+        help="serve /metrics without the API key (by default it needs the key when --api_key is set)",
+    )
     p.set_defaults(run=run)
 
 
@@ -74,6 +93,10 @@ def run(args: argparse.Namespace) -> int:
                 max_upload_bytes=args.max_upload_bytes,
                 allow_private_urls=args.allow_private_urls,
                 max_queue=args.max_queue,
+                max_segments=args.max_segments,
+                request_timeout=args.request_timeout,
+                url_timeout=args.url_timeout,
+                metrics_public=args.metrics_public,
             ),
             ServerSettings,
         )

@@ -7,7 +7,9 @@ logged with their traceback and answered with a generic 500 that leaks nothing a
 
 from __future__ import annotations
 
+import json
 import logging
+import math
 import re
 from typing import Any
 
@@ -22,6 +24,7 @@ from flashtts_core.errors import (
     NotFoundError,
     OverloadedError,
 )
+from flashtts_core.server.context import request_id
 
 __all__ = ("ModelNotFoundError", "error_response", "handle_exception", "param_from_message", "validation_error")
 
@@ -84,8 +87,61 @@ def _first_invalid(exc: ValidationException) -> tuple[str | None, str]:
     return (str(key) if key and key != "data" else None), str(first.get("message") or exc.detail)
 
 
+# How msgspec words a JSON body with NaN/Infinity literals (not JSON) or a number beyond float range.
+_BAD_NUMBER = ("JSON is malformed", "Number out of range")
+
+
+class _Constant:
+    __slots__ = ("name",)
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+
+def _non_finite_field(request: Request[Any, Any, Any]) -> tuple[str, str] | None:
+    """(field, literal) when a JSON body was refused for a ``NaN``/``Infinity`` literal (not JSON, but what
+    Python's and JavaScript's serialisers write for non-finite numbers) or a number like ``1e999``, so the error
+    can name the field."""
+    state = getattr(request, "_connection_state", None)
+    body = getattr(state, "body", None)
+    if not isinstance(body, bytes) or not body or len(body) > 1_000_000:
+        return None
+
+    def number(text: str) -> float | _Constant:
+        value = float(text)
+        return value if math.isfinite(value) else _Constant(text)
+
+    try:
+        data = json.loads(body, parse_constant=_Constant, parse_float=number)
+    except (ValueError, RecursionError):
+        return None
+    if isinstance(data, dict):
+        for key, value in data.items():
+            if isinstance(value, _Constant):
+                return str(key), value.name
+    return None
+
+
 def _http_error(exc: HTTPException, request: Request[Any, Any, Any]) -> Response[dict[str, Any]]:
     status = exc.status_code
+    if status == 400 and str(exc.detail).startswith(_BAD_NUMBER) and (found := _non_finite_field(request)):
+        field, literal = found
+        error = InvalidRequestError(
+            f"Invalid value for '{field}': {literal} is not a finite number; send a number within the documented range",
+            param=field,
+            code="invalid_value",
+        )
+        return Response(error.to_dict(), status_code=400)
+    if status == 400 and exc.detail == "Request Entity Too Large" and not exc.extra:
+        # Litestar's answer to a multipart form with more parts than multipart_form_part_limit.
+        limit = request.app.multipart_form_part_limit
+        return error_response(
+            413,
+            f"the form has more than {limit} parts; send only the documented fields",
+            "invalid_request_error",
+            None,
+            "too_many_parts",
+        )
     if isinstance(exc, ValidationException) or (status == 400 and exc.extra):
         key, message = _first_invalid(exc)  # type: ignore[arg-type]
         error = validation_error(message, key)
@@ -117,7 +173,14 @@ def _http_error(exc: HTTPException, request: Request[Any, Any, Any]) -> Response
             401, str(exc.detail), "authentication_error", None, "invalid_api_key", **{"WWW-Authenticate": "Bearer"}
         )
     if status >= 500:
-        logger.error("HTTP %d on %s %s: %s", status, request.method, request.url.path, exc.detail)
+        logger.error(
+            "request %s: HTTP %d on %s %s: %s",
+            request_id(request),
+            status,
+            request.method,
+            request.url.path,
+            exc.detail,
+        )
         return error_response(status, "internal server error", "server_error", None, None)
     return error_response(status, str(exc.detail), "invalid_request_error", None, None, **(exc.headers or {}))
 
@@ -131,9 +194,18 @@ def handle_exception(request: Request[Any, Any, Any], exc: Exception) -> Respons
         elif isinstance(exc, AuthenticationError):
             headers["WWW-Authenticate"] = "Bearer"
         if exc.status_code >= 500 and not isinstance(exc, (OverloadedError, BackendNotReadyError)):
-            logger.warning("%s on %s %s: %s", type(exc).__name__, request.method, request.url.path, exc.message)
+            logger.warning(
+                "request %s: %s on %s %s: %s",
+                request_id(request),
+                type(exc).__name__,
+                request.method,
+                request.url.path,
+                exc.message,
+            )
         return Response(exc.to_dict(), status_code=exc.status_code, headers=headers or None)
     if isinstance(exc, HTTPException):
         return _http_error(exc, request)
-    logger.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+    logger.error(
+        "request %s: unhandled error on %s %s", request_id(request), request.method, request.url.path, exc_info=exc
+    )
     return error_response(500, "internal server error; see the server log", "server_error", None, None)

@@ -6,7 +6,9 @@ internal addresses (cloud metadata endpoints, admin interfaces on localhost). He
 * only ``http`` and ``https`` URLs are accepted;
 * the host name is resolved first and **every** resolved address is checked: loopback, private, link-local,
   multicast, reserved, unspecified and other non-global ranges are refused (IPv4 embedded in IPv6, as in
-  ``::ffff:127.0.0.1`` or 6to4, is unwrapped first) unless ``allow_private`` is set;
+  ``::ffff:127.0.0.1``, 6to4, Teredo or NAT64 ``64:ff9b::/96``, is unwrapped first) unless ``allow_private`` is set;
+  numeric host forms (``2130706433``, ``0x7f.1``, ``127.1``) resolve to the address they denote and are checked
+  as that address;
 * the connection goes to the very address that was checked (the URL's host is replaced by the IP, the original
   name is kept in the ``Host`` header and as TLS SNI / certificate name), so a DNS answer that changes between
   the check and the connect (DNS rebinding) cannot redirect the request;
@@ -58,8 +60,11 @@ def looks_like_url(value: str) -> bool:
     return bool(sep) and scheme.isascii() and scheme.replace("+", "").replace("-", "").replace(".", "").isalnum()
 
 
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")  # RFC 6052 well-known prefix: "global", yet it reaches IPv4 hosts
+
+
 def _unwrap(ip: _IPAddress) -> _IPAddress:
-    """The IPv4 address carried inside an IPv6 one (mapped, 6to4, Teredo), else ``ip``."""
+    """The IPv4 address carried inside an IPv6 one (mapped, 6to4, Teredo, NAT64), else ``ip``."""
     if isinstance(ip, ipaddress.IPv6Address):
         if ip.ipv4_mapped is not None:
             return ip.ipv4_mapped
@@ -67,6 +72,8 @@ def _unwrap(ip: _IPAddress) -> _IPAddress:
             return ip.sixtofour
         if ip.teredo is not None:
             return ip.teredo[1]
+        if ip in _NAT64:
+            return ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
     return ip
 
 

@@ -7,7 +7,6 @@ and raises the 4xx errors that name the offending field, before any model work s
 from __future__ import annotations
 
 import logging
-import secrets
 from functools import partial
 from typing import Any
 
@@ -16,9 +15,11 @@ import anyio
 from flashtts_core.config import ServerSettings
 from flashtts_core.errors import AudioDecodeError, InvalidRequestError, PayloadTooLargeError
 from flashtts_core.plugins.types import Level, ReferenceAudio, SamplingOverrides
+from flashtts_core.server.context import new_request_id
 from flashtts_core.server.fetch import fetch_url, looks_like_url
 
 __all__ = (
+    "check_reference_text",
     "check_text",
     "level_from_float",
     "load_reference",
@@ -28,11 +29,6 @@ __all__ = (
 )
 
 logger = logging.getLogger(__name__)
-
-
-def new_request_id() -> str:
-    """A short random id: logged with every problem and returned as ``X-Request-Id`` (text is never logged)."""
-    return f"req-{secrets.token_hex(6)}"
 
 
 def check_text(text: str, settings: ServerSettings, *, param: str) -> str:
@@ -47,6 +43,17 @@ def check_text(text: str, settings: ServerSettings, *, param: str) -> str:
             code="text_too_long",
         )
     return text
+
+
+def check_reference_text(text: str | None, settings: ServerSettings, *, param: str = "reference_text") -> None:
+    """A reference transcript may be absent, but not longer than ``--max_text_chars``."""
+    if text is not None and len(text) > settings.max_text_chars:
+        raise InvalidRequestError(
+            f"'{param}' has {len(text)} characters; the limit is {settings.max_text_chars} "
+            "(it is the transcript of a reference recording of a few seconds)",
+            param=param,
+            code="text_too_long",
+        )
 
 
 def sampling_overrides(data: Any) -> SamplingOverrides:

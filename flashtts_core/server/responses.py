@@ -14,7 +14,13 @@ Rules every audio response follows:
   :class:`ClosingStream` additionally guarantees that the body generator, and through it the service's
   generator, is ``aclose()``-d even when the cancellation hits while the generator is suspended at a
   ``yield`` (a bare async generator would then only be closed whenever the garbage collector gets to it).
+* **One time budget per request** (``--request_timeout``, counted from the request's start): exceeded before
+  the first byte it is a 504 envelope; after it, the stream ends cleanly as for any failure (SSE: a
+  ``speech.audio.error`` event with code ``timeout``). Either way the generation is closed at once, so the
+  backend and the admission slot are freed.
 * Encoding of large chunks runs in a worker thread so the event loop keeps serving other requests.
+* An optional :class:`~flashtts_core.server.metrics.SynthesisTracker` is told the first audio, the audio sent
+  and how the synthesis ended (metrics only; no content).
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import logging
+import time
 from collections.abc import AsyncGenerator, AsyncIterator
 from typing import TYPE_CHECKING, Any
 
@@ -38,6 +45,7 @@ if TYPE_CHECKING:
     from litestar.types import Receive, Scope, Send
 
     from flashtts_core.audio.encode import AudioEncoder
+    from flashtts_core.server.metrics import SynthesisTracker
 
 __all__ = ("ClientDisconnectedError", "ClosingStream", "audio_response")
 
@@ -100,8 +108,35 @@ def _safe_finish(encoder: AudioEncoder) -> bytes:
         return b""
 
 
-def _timeout_scope(time_limit: float | None) -> contextlib.AbstractContextManager[Any]:
-    return anyio.fail_after(time_limit) if time_limit else contextlib.nullcontext()
+class _Budget:
+    """The request's time budget: one deadline shared by every phase (first chunk, collection, streaming)."""
+
+    __slots__ = ("deadline", "limit")
+
+    def __init__(self, time_limit: float | None, started: float) -> None:
+        self.limit = time_limit
+        self.deadline = started + time_limit if time_limit else None
+
+    def scope(self) -> contextlib.AbstractContextManager[Any]:
+        """``fail_after`` the time left (``TimeoutError`` at once when none is left), or no limit."""
+        if self.deadline is None:
+            return contextlib.nullcontext()
+        return anyio.fail_after(max(0.0, self.deadline - time.monotonic()))
+
+
+class _NoTracker:
+    """Stands in for a :class:`SynthesisTracker` when metrics are off."""
+
+    __slots__ = ()
+
+    def audio(self, samples: int) -> None:
+        pass
+
+    def stream_started(self) -> None:
+        pass
+
+    def finished(self, outcome: str = "ok") -> None:
+        pass
 
 
 class ClientDisconnectedError(FlashTTSError):
@@ -153,50 +188,77 @@ async def _cancel_on_disconnect(receive: Receive | None) -> AsyncIterator[_Watch
         raise error
 
 
+def _timeout_error(budget: _Budget, *, started: bool) -> RequestTimeoutError:
+    when = "did not start" if not started else "did not finish"
+    return RequestTimeoutError(
+        f"the synthesis {when} within the server's time budget of {budget.limit:g} s (--request_timeout); "
+        "send a shorter text or retry when the server is less busy"
+    )
+
+
 async def _first_chunk(
-    chunks: AsyncGenerator[np.ndarray, None], time_limit: float | None, receive: Receive | None, request_id: str
+    chunks: AsyncGenerator[np.ndarray, None],
+    budget: _Budget,
+    receive: Receive | None,
+    request_id: str,
+    tracker: SynthesisTracker | _NoTracker,
 ) -> np.ndarray:
     """Await the first chunk; on any failure close the generator and raise a proper error."""
     first: np.ndarray | None = None
     try:
-        with _timeout_scope(time_limit):
+        with budget.scope():
             async with _cancel_on_disconnect(receive) as watch:
                 first = await chunks.__anext__()
     except StopAsyncIteration:
+        tracker.finished("error")
         raise GenerationError("the model produced no audio for this text; try again or rephrase it") from None
     except TimeoutError:
         await _aclose(chunks)
-        raise RequestTimeoutError("the synthesis did not start within the server's request timeout") from None
+        tracker.finished("timeout")
+        logger.info("request %s: no audio within the time budget; stopped", request_id)
+        raise _timeout_error(budget, started=False) from None
     except BaseException:
         await _aclose(chunks)
+        tracker.finished("error")
         raise
     if first is None or watch.disconnected:
         await _aclose(chunks)
+        tracker.finished("disconnect")
         logger.info("request %s: the client disconnected before the audio started", request_id)
         raise ClientDisconnectedError("the client disconnected")
+    tracker.audio(first.shape[0])
     return first
 
 
 async def _collect(
     first: np.ndarray,
     chunks: AsyncGenerator[np.ndarray, None],
-    time_limit: float | None,
+    budget: _Budget,
     receive: Receive | None,
     request_id: str,
+    tracker: SynthesisTracker | _NoTracker,
 ) -> np.ndarray:
     pieces = [first]
     try:
-        with _timeout_scope(time_limit):
+        with budget.scope():
             async with _cancel_on_disconnect(receive) as watch:
                 async for samples in chunks:
                     pieces.append(samples)
+                    tracker.audio(samples.shape[0])
     except TimeoutError:
-        raise RequestTimeoutError("the synthesis took longer than the server's request timeout") from None
+        tracker.finished("timeout")
+        logger.info("request %s: the synthesis exceeded the time budget; stopped", request_id)
+        raise _timeout_error(budget, started=True) from None
+    except BaseException:
+        tracker.finished("error")
+        raise
     finally:
         await _aclose(chunks)
     if watch.disconnected:
+        tracker.finished("disconnect")
         logger.info("request %s: the client disconnected; generation stopped", request_id)
         raise ClientDisconnectedError("the client disconnected")
+    tracker.finished("ok")
     return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
 
 
@@ -218,21 +280,80 @@ def _error_event(exc: BaseException) -> dict[str, Any]:
     }
 
 
+async def _next_chunk(chunks: AsyncGenerator[np.ndarray, None], budget: _Budget) -> np.ndarray | None:
+    """The next chunk within the budget (``None`` at the end); the cancel scope never spans a ``yield``."""
+    try:
+        with budget.scope():
+            return await chunks.__anext__()
+    except StopAsyncIteration:
+        return None
+
+
+class _Body:
+    """The streamed body: an async iterator whose ``aclose()`` releases the generation, the encoder and the
+    metrics even when the server never started iterating (a client that left right after the status line)."""
+
+    __slots__ = ("_chunks", "_encoder", "_gen", "_tracker")
+
+    def __init__(
+        self,
+        gen: AsyncGenerator[bytes, None],
+        chunks: AsyncGenerator[np.ndarray, None],
+        encoder: AudioEncoder,
+        tracker: SynthesisTracker | _NoTracker,
+    ) -> None:
+        self._gen = gen
+        self._chunks = chunks
+        self._encoder = encoder
+        self._tracker = tracker
+
+    def __aiter__(self) -> _Body:
+        return self
+
+    async def __anext__(self) -> bytes:
+        return await self._gen.__anext__()
+
+    async def aclose(self) -> None:
+        try:
+            await _aclose(self._gen)
+        finally:
+            await _aclose(self._chunks)
+            self._encoder.close()
+            self._tracker.finished("disconnect")  # no-op when the body already recorded how it ended
+
+
 async def _raw_body(
-    first: np.ndarray, chunks: AsyncGenerator[np.ndarray, None], encoder: AudioEncoder, request_id: str
+    first: np.ndarray,
+    chunks: AsyncGenerator[np.ndarray, None],
+    encoder: AudioEncoder,
+    request_id: str,
+    budget: _Budget,
+    tracker: SynthesisTracker | _NoTracker,
 ) -> AsyncIterator[bytes]:
+    tracker.stream_started()
+    outcome = "disconnect"  # unless the loop below ends otherwise: cancelled or closed while suspended
     try:
         data = await _encode(encoder, first)
         if data:
             yield data
-        async for samples in chunks:
+        while (samples := await _next_chunk(chunks, budget)) is not None:
+            tracker.audio(samples.shape[0])
             data = await _encode(encoder, samples)
             if data:
                 yield data
         data = await _finish(encoder)
+        outcome = "ok"
         if data:
             yield data
+    except TimeoutError:
+        outcome = "timeout"
+        logger.info("request %s: the time budget ran out while streaming; ending the stream", request_id)
+        await _aclose(chunks)  # free the backend before finishing the file
+        tail = _safe_finish(encoder)
+        if tail:
+            yield tail
     except Exception as exc:  # cancellation (BaseException) must propagate; everything else ends the stream
+        outcome = "error"
         logger.error(
             "request %s failed while streaming: %s", request_id, exc, exc_info=not isinstance(exc, FlashTTSError)
         )
@@ -240,6 +361,7 @@ async def _raw_body(
         if tail:
             yield tail
     finally:
+        tracker.finished(outcome)
         encoder.close()
         await _aclose(chunks)
 
@@ -253,26 +375,42 @@ def _delta(data: bytes) -> bytes:
 
 
 async def _sse_body(
-    first: np.ndarray, chunks: AsyncGenerator[np.ndarray, None], encoder: AudioEncoder, request_id: str
+    first: np.ndarray,
+    chunks: AsyncGenerator[np.ndarray, None],
+    encoder: AudioEncoder,
+    request_id: str,
+    budget: _Budget,
+    tracker: SynthesisTracker | _NoTracker,
 ) -> AsyncIterator[bytes]:
+    tracker.stream_started()
+    outcome = "disconnect"
     try:
         data = await _encode(encoder, first)
         if data:
             yield _delta(data)
-        async for samples in chunks:
+        while (samples := await _next_chunk(chunks, budget)) is not None:
+            tracker.audio(samples.shape[0])
             data = await _encode(encoder, samples)
             if data:
                 yield _delta(data)
         data = await _finish(encoder)
+        outcome = "ok"
         if data:
             yield _delta(data)
         yield _sse({"type": "speech.audio.done"})
+    except TimeoutError:
+        outcome = "timeout"
+        logger.info("request %s: the time budget ran out while streaming; ending the stream", request_id)
+        await _aclose(chunks)
+        yield _sse({"type": "speech.audio.error", "error": _error_event(_timeout_error(budget, started=True))})
     except Exception as exc:
+        outcome = "error"
         logger.error(
             "request %s failed while streaming: %s", request_id, exc, exc_info=not isinstance(exc, FlashTTSError)
         )
         yield _sse({"type": "speech.audio.error", "error": _error_event(exc)})
     finally:
+        tracker.finished(outcome)
         encoder.close()
         await _aclose(chunks)
 
@@ -288,22 +426,27 @@ async def audio_response(
     sse: bool = False,
     time_limit: float | None = None,
     receive: Receive | None = None,
+    started: float | None = None,
+    tracker: SynthesisTracker | None = None,
 ) -> Response[Any]:
     """The HTTP response for ``chunks`` (mono float32 at ``input_rate``), encoded as ``fmt``.
 
     ``sse`` implies streaming. Raises (as JSON errors) whatever the first chunk raises; the generator is closed
     on every path. ``receive`` (the request's ASGI receive, body already read) lets a disconnect stop the
-    generation before the response starts.
+    generation before the response starts. ``time_limit`` (s) counts from ``started`` (``time.monotonic()``
+    of the request's start; now if omitted).
     """
     from flashtts_core.audio.encode import AudioEncoder
 
+    budget = _Budget(time_limit, time.monotonic() if started is None else started)
+    track: SynthesisTracker | _NoTracker = tracker if tracker is not None else _NoTracker()
     try:
         encoder = AudioEncoder(fmt, input_rate=input_rate, output_rate=output_rate, streaming=stream or sse)
     except BaseException:
         await _aclose(chunks)
         raise
     try:
-        first = await _first_chunk(chunks, time_limit, receive, request_id)
+        first = await _first_chunk(chunks, budget, receive, request_id, track)
     except BaseException:
         encoder.close()
         raise
@@ -315,19 +458,17 @@ async def audio_response(
     }
     if sse:
         headers["X-Accel-Buffering"] = "no"
-        return ClosingStream(
-            _sse_body(first, chunks, encoder, request_id), media_type="text/event-stream", headers=headers
-        )
+        body = _Body(_sse_body(first, chunks, encoder, request_id, budget, track), chunks, encoder, track)
+        return ClosingStream(body, media_type="text/event-stream", headers=headers)
     headers["Content-Disposition"] = f"attachment; filename=speech.{spec.extension}"
     if stream:
         headers["X-Accel-Buffering"] = "no"
-        return ClosingStream(
-            _raw_body(first, chunks, encoder, request_id), media_type=encoder.mime_type, headers=headers
-        )
+        body = _Body(_raw_body(first, chunks, encoder, request_id, budget, track), chunks, encoder, track)
+        return ClosingStream(body, media_type=encoder.mime_type, headers=headers)
     try:
-        samples = await _collect(first, chunks, time_limit, receive, request_id)
+        samples = await _collect(first, chunks, budget, receive, request_id, track)
     except BaseException:
         encoder.close()
         raise
-    body = await anyio.to_thread.run_sync(_encode_whole, encoder, samples)
-    return Response(body, media_type=encoder.mime_type, headers=headers, status_code=200)
+    body_bytes = await anyio.to_thread.run_sync(_encode_whole, encoder, samples)
+    return Response(body_bytes, media_type=encoder.mime_type, headers=headers, status_code=200)

@@ -112,7 +112,10 @@ class _Synthesis(msgspec.Struct, kw_only=True):
 class SpeakRequest(_Synthesis, kw_only=True):
     """``POST /speak``: synthesise with a built-in voice or a stored role."""
 
-    name: Annotated[str, Meta(min_length=1, description="Voice: a built-in voice or a role added with /add_speaker.")]
+    name: Annotated[
+        str,
+        Meta(min_length=1, max_length=64, description="Voice: a built-in voice or a role added with /add_speaker."),
+    ]
     text: Text
     pitch: LevelField | None = None
     speed: LevelField | None = None
@@ -275,11 +278,21 @@ class VoiceCard(msgspec.Struct, kw_only=True):
     kind: Literal["builtin", "role"]
     language: str | None = None
     description: str | None = None
+    # Only present for voices that understand inline tags (left out, not empty, elsewhere).
+    tags: (
+        Annotated[
+            list[str],
+            Meta(description="Inline tags this voice understands in the text (Orpheus emotions, e.g. <laugh>)."),
+        ]
+        | msgspec.UnsetType
+    ) = msgspec.UNSET
 
 
 class VoicesResponse(msgspec.Struct, kw_only=True):
     voices: Annotated[list[str], Meta(description="Voice names (the original shape).")]
     data: Annotated[list[VoiceCard], Meta(description="The same voices with details.")]
+    languages: Annotated[list[str], Meta(description="Languages of the loaded model (empty: not stated).")] = []
+    tags: Annotated[list[str], Meta(description="Inline tags of the loaded model and language (empty for Spark).")] = []
 
 
 class HealthResponse(msgspec.Struct, kw_only=True):

@@ -8,7 +8,7 @@ handler ever sees a half-started engine.
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from litestar import Request
 
@@ -16,19 +16,23 @@ from flashtts_core.config import ServerSettings
 from flashtts_core.errors import BackendNotReadyError
 from flashtts_core.runtime import Runtime
 
+if TYPE_CHECKING:
+    from flashtts_core.server.metrics import Metrics
+
 __all__ = ("ServerState", "provide_runtime", "provide_settings", "server_state")
 
 
 class ServerState:
     """Mutable per-app state (stored as ``app.state.server``)."""
 
-    __slots__ = ("load_error", "runtime", "settings", "started_at")
+    __slots__ = ("load_error", "metrics", "runtime", "settings", "started_at")
 
-    def __init__(self, settings: ServerSettings) -> None:
+    def __init__(self, settings: ServerSettings, metrics: Metrics | None = None) -> None:
         self.settings = settings
         self.runtime: Runtime | None = None
         self.load_error: str | None = None
         self.started_at = int(time.time())
+        self.metrics = metrics
 
     def require_runtime(self) -> Runtime:
         runtime = self.runtime

@@ -20,8 +20,9 @@ from flashtts_core.audio.formats import RESPONSE_FORMATS
 from flashtts_core.config import ServerSettings
 from flashtts_core.plugins.types import SynthesisRequest
 from flashtts_core.runtime import Runtime
+from flashtts_core.server.context import request_id, request_started, synthesis_id
 from flashtts_core.server.forms import form_operation, read_form
-from flashtts_core.server.inputs import check_text, load_reference, new_request_id, sampling_overrides
+from flashtts_core.server.inputs import check_reference_text, check_text, load_reference, sampling_overrides
 from flashtts_core.server.responses import audio_response
 from flashtts_core.server.schemas import (
     AddSpeakerForm,
@@ -35,9 +36,10 @@ from flashtts_core.server.schemas import (
     SpeakerResponse,
     SpeakRequest,
 )
+from flashtts_core.server.state import server_state
 from flashtts_core.text import parse_multi_speaker
 
-__all__ = ("AUDIO_RESPONSES", "ERROR_RESPONSES", "NativeController")
+__all__ = ("AUDIO_RESPONSES", "ERROR_RESPONSES", "NativeController", "respond_with_audio")
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +56,9 @@ ERROR_RESPONSES: dict[int, ResponseSpec] = {
     503: ResponseSpec(
         ErrorBody, generate_examples=False, description="Model not ready, or server busy (see Retry-After)"
     ),
+    504: ResponseSpec(
+        ErrorBody, generate_examples=False, description="The synthesis did not start within --request_timeout"
+    ),
 }
 AUDIO_RESPONSES: dict[int, ResponseSpec] = {
     200: ResponseSpec(
@@ -66,6 +71,38 @@ AUDIO_RESPONSES: dict[int, ResponseSpec] = {
     ),
     **ERROR_RESPONSES,
 }
+
+
+async def respond_with_audio(
+    request: Request[Any, Any, Any],
+    runtime: Runtime,
+    settings: ServerSettings,
+    chunks: Any,
+    *,
+    fmt: str,
+    output_rate: int | None,
+    stream: bool,
+    sse: bool = False,
+) -> Response[Any]:
+    """:func:`audio_response` with what every synthesis route passes: the request's id, start time, time
+    budget (``--request_timeout``), disconnect watch and metrics."""
+    started = request_started(request)
+    metrics = server_state(request).metrics
+    route = request.scope.get("path_template") or request.url.path
+    sample_rate = runtime.engine.info.sample_rate
+    return await audio_response(
+        chunks,
+        input_rate=sample_rate,
+        fmt=fmt,
+        output_rate=output_rate,
+        stream=stream,
+        sse=sse,
+        request_id=request_id(request),
+        time_limit=settings.request_timeout,
+        receive=request.receive,
+        started=started,
+        tracker=metrics.tracker(route, sample_rate, started) if metrics is not None else None,
+    )
 
 
 def _synthesis_request(
@@ -138,9 +175,11 @@ class NativeController(Controller):
         runtime: NamedDependency[Runtime],
         settings: NamedDependency[ServerSettings],
     ) -> SpeakerResponse:
+        runtime.service.require_cloning(param="name")  # before reading (or downloading) any audio
         data = await read_form(
             request, AddSpeakerForm, file_fields=_ADD_FILES, max_file_bytes=settings.max_upload_bytes
         )
+        check_reference_text(data.reference_text, settings)
         reference = await load_reference(
             text_value=data.audio,
             file_value=data.audio_file,
@@ -168,6 +207,7 @@ class NativeController(Controller):
         request: Request[Any, Any, Any],
         runtime: NamedDependency[Runtime],
     ) -> SpeakerResponse:
+        runtime.service.require_cloning(param="name")
         data = await read_form(request, DeleteSpeakerForm, file_fields=frozenset(), max_file_bytes=0)
         await runtime.service.delete_voice(data.name)
         logger.info("voice %r deleted", data.name)
@@ -189,10 +229,12 @@ class NativeController(Controller):
         runtime: NamedDependency[Runtime],
         settings: NamedDependency[ServerSettings],
     ) -> Response[Any]:
+        runtime.service.require_cloning(param="reference_audio")  # before reading (or downloading) any audio
         data = await read_form(
             request, CloneVoiceForm, file_fields=_CLONE_FILES, max_file_bytes=settings.max_upload_bytes
         )
         text = check_text(data.text, settings, param="text")
+        check_reference_text(data.reference_text, settings)
         reference = await load_reference(
             text_value=data.reference_audio,
             file_value=data.reference_audio_file,
@@ -205,17 +247,15 @@ class NativeController(Controller):
         )
         param = "reference_audio_file" if data.reference_audio_file is not None else "reference_audio"
         prompt = await runtime.service.reference_prompt(reference, param=param)
-        request_id = new_request_id()
-        synthesis = _synthesis_request(runtime, data, text=text, prompt=prompt, request_id=request_id)
-        return await audio_response(
+        synthesis = _synthesis_request(runtime, data, text=text, prompt=prompt, request_id=synthesis_id(request))
+        return await respond_with_audio(
+            request,
+            runtime,
+            settings,
             runtime.service.synthesize(synthesis),
-            input_rate=runtime.engine.info.sample_rate,
             fmt=data.response_format,
             output_rate=data.sample_rate,
             stream=data.stream,
-            request_id=request_id,
-            time_limit=settings.request_timeout,
-            receive=request.receive,
         )
 
     @post(
@@ -233,17 +273,17 @@ class NativeController(Controller):
     ) -> Response[Any]:
         text = check_text(data.text, settings, param="text")
         voice, prompt = runtime.service.resolve_voice(data.name, param="name")
-        request_id = new_request_id()
-        synthesis = _synthesis_request(runtime, data, text=text, voice=voice, prompt=prompt, request_id=request_id)
-        return await audio_response(
+        synthesis = _synthesis_request(
+            runtime, data, text=text, voice=voice, prompt=prompt, request_id=synthesis_id(request)
+        )
+        return await respond_with_audio(
+            request,
+            runtime,
+            settings,
             runtime.service.synthesize(synthesis),
-            input_rate=runtime.engine.info.sample_rate,
             fmt=data.response_format,
             output_rate=data.sample_rate,
             stream=data.stream,
-            request_id=request_id,
-            time_limit=settings.request_timeout,
-            receive=request.receive,
         )
 
     @post(
@@ -261,15 +301,13 @@ class NativeController(Controller):
     ) -> Response[Any]:
         text = check_text(data.text, settings, param="text")
         turns = parse_multi_speaker(text)
-        request_id = new_request_id()
-        base = _synthesis_request(runtime, data, text=text, request_id=request_id)
-        return await audio_response(
+        base = _synthesis_request(runtime, data, text=text, request_id=synthesis_id(request))
+        return await respond_with_audio(
+            request,
+            runtime,
+            settings,
             runtime.service.synthesize_dialogue(turns, base),
-            input_rate=runtime.engine.info.sample_rate,
             fmt=data.response_format,
             output_rate=data.sample_rate,
             stream=data.stream,
-            request_id=request_id,
-            time_limit=settings.request_timeout,
-            receive=request.receive,
         )

@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import msgspec
 from litestar import Controller, Request, Response, get, post
 from litestar.di import NamedDependency
 from litestar.openapi.datastructures import ResponseSpec
@@ -26,17 +27,11 @@ from flashtts_core.config import ServerSettings
 from flashtts_core.errors import InvalidRequestError, UnsupportedFeatureError
 from flashtts_core.plugins.types import ReferenceAudio, SynthesisRequest, VoicePrompt
 from flashtts_core.runtime import Runtime
-from flashtts_core.server.controllers.native import AUDIO_RESPONSES, ERROR_RESPONSES
+from flashtts_core.server.context import synthesis_id
+from flashtts_core.server.controllers.native import AUDIO_RESPONSES, ERROR_RESPONSES, respond_with_audio
 from flashtts_core.server.errors import ModelNotFoundError
 from flashtts_core.server.fetch import looks_like_url
-from flashtts_core.server.inputs import (
-    check_text,
-    level_from_float,
-    load_reference_string,
-    new_request_id,
-    sampling_overrides,
-)
-from flashtts_core.server.responses import audio_response
+from flashtts_core.server.inputs import check_text, level_from_float, load_reference_string, sampling_overrides
 from flashtts_core.server.schemas import ModelCard, ModelList, SpeechRequest, VoiceCard, VoicesResponse
 
 __all__ = ("MODEL_ALIASES", "OpenAIController", "check_model", "resolve_openai_voice")
@@ -81,7 +76,7 @@ async def resolve_openai_voice(
         info = runtime.engine.info
         if not info.supports_cloning:
             raise UnsupportedFeatureError(
-                f"the {info.name!r} engine cannot clone a voice from audio; "
+                f"the {info.name!r} engine does not support voice cloning, so 'voice' cannot be a URL or audio; "
                 f"use one of its voices: {', '.join(service.voice_names())}",
                 param="voice",
             )
@@ -122,10 +117,17 @@ class OpenAIController(Controller):
     ) -> Response[Any]:
         check_model(data.model, runtime)
         text = check_text(data.input, settings, param="input")
+        controls = runtime.engine.info.controls
+        for field in ("speed", "pitch"):
+            if getattr(data, field) != 1.0 and field not in controls:
+                raise InvalidRequestError(
+                    f"the {runtime.engine.info.name!r} engine does not support {field!r}; leave it out (or 1.0)",
+                    param=field,
+                    code="unsupported_feature",
+                )
         voice, prompt = await resolve_openai_voice(data.voice, runtime, settings)
-        request_id = new_request_id()
         synthesis = SynthesisRequest(
-            request_id=request_id,
+            request_id=synthesis_id(request),
             text=text,
             voice=voice,
             prompt=prompt,
@@ -140,16 +142,15 @@ class OpenAIController(Controller):
         if output_rate is None and data.response_format == "pcm":
             output_rate = OPENAI_PCM_SAMPLE_RATE
         sse = data.stream_format == "sse"
-        return await audio_response(
+        return await respond_with_audio(
+            request,
+            runtime,
+            settings,
             runtime.service.synthesize(synthesis),
-            input_rate=runtime.engine.info.sample_rate,
             fmt=data.response_format,
             output_rate=output_rate,
             stream=data.stream or sse,
             sse=sse,
-            request_id=request_id,
-            time_limit=settings.request_timeout,
-            receive=request.receive,
         )
 
     @get("/models", summary="List models (OpenAI shape)", sync_to_thread=False)
@@ -170,9 +171,20 @@ class OpenAIController(Controller):
 
     @get("/audio/voices", summary="List voices", sync_to_thread=False)
     def list_voices(self, runtime: NamedDependency[Runtime]) -> VoicesResponse:
-        infos = runtime.service.voice_infos()
+        info = runtime.engine.info
+        tags = list(info.tags)
         cards = [
-            VoiceCard(id=v.name, name=v.name, kind=v.kind, language=v.language, description=v.description)
-            for v in infos
+            VoiceCard(
+                id=v.name,
+                name=v.name,
+                kind=v.kind,
+                language=v.language,
+                description=v.description,
+                # The engine's inline tags work with its built-in voices of the loaded language(s).
+                tags=tags
+                if tags and v.kind == "builtin" and (v.language is None or v.language in info.languages)
+                else msgspec.UNSET,
+            )
+            for v in runtime.service.voice_infos()
         ]
-        return VoicesResponse(voices=[c.name for c in cards], data=cards)
+        return VoicesResponse(voices=[c.name for c in cards], data=cards, languages=list(info.languages), tags=tags)

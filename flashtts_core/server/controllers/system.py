@@ -1,7 +1,11 @@
-"""Public routes: the web page, liveness/readiness probes and the API documentation.
+"""Public routes: the web page, liveness/readiness probes and the API documentation; and ``/metrics``.
 
-None of these needs ``--api_key``: a browser cannot attach an ``Authorization`` header when it navigates to the
-page, and probes/orchestrators should not need the key either. They reveal no voice or request data.
+None of the public ones needs ``--api_key``: a browser cannot attach an ``Authorization`` header when it navigates
+to the page, and probes/orchestrators should not need the key either. They reveal no voice or request data.
+
+``/metrics`` (Prometheus text format) needs the key when one is set, unless ``--metrics_public``: it tells how
+busy the server is and which routes are used, which is not for everyone, while a scraper can send the key
+(``authorization`` in Prometheus' scrape config) or the operator can expose it deliberately.
 """
 
 from __future__ import annotations
@@ -12,16 +16,20 @@ from typing import Any
 
 import msgspec
 from litestar import Request, Response, get
+from litestar.connection import ASGIConnection
 from litestar.enums import MediaType
+from litestar.handlers.base import BaseRouteHandler
 from litestar.openapi.datastructures import ResponseSpec
 from litestar.response import File
 
 from flashtts_core.errors import NotFoundError
+from flashtts_core.server.auth import require_api_key
 from flashtts_core.server.errors import error_response
+from flashtts_core.server.metrics import CONTENT_TYPE
 from flashtts_core.server.schemas import ErrorBody, HealthResponse, ReadyResponse
 from flashtts_core.server.state import server_state
 
-__all__ = ("STATIC_DIR", "favicon", "health", "index", "openapi_json", "ready")
+__all__ = ("STATIC_DIR", "favicon", "health", "index", "metrics", "openapi_json", "ready")
 
 logger = logging.getLogger(__name__)
 
@@ -85,3 +93,23 @@ def favicon() -> File:
 def openapi_json(request: Request[Any, Any, Any]) -> Response[bytes]:
     schema = request.app.openapi_schema.to_schema()
     return Response(msgspec.json.encode(schema), media_type="application/vnd.oai.openapi+json")
+
+
+def _metrics_guard(connection: ASGIConnection[Any, Any, Any, Any], handler: BaseRouteHandler) -> None:
+    if not connection.app.state.server.settings.metrics_public:
+        require_api_key(connection, handler)
+
+
+@get(
+    "/metrics",
+    summary="Prometheus metrics (needs the API key when one is set, unless --metrics_public)",
+    tags=["System"],
+    guards=[_metrics_guard],
+    media_type=CONTENT_TYPE,
+    responses={401: ResponseSpec(ErrorBody, generate_examples=False, description="Missing or wrong API key")},
+)
+async def metrics(request: Request[Any, Any, Any]) -> Response[bytes]:
+    state = server_state(request)
+    if state.metrics is None:
+        raise NotFoundError("metrics are off", code="not_found")
+    return Response(await state.metrics.render(state.runtime), media_type=CONTENT_TYPE)
