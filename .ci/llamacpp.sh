@@ -17,7 +17,7 @@ export FLASHTTS_CACHE_DIR="${FLASHTTS_CACHE_DIR:-$PWD/.cache/flashtts}"
 
 # Versions verified on this machine kind (the distributions themselves declare ranges).
 python -m pip install -q "gguf==0.19.0"
-CMAKE_ARGS="-DGGML_NATIVE=OFF" CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" \
+CMAKE_ARGS="${CMAKE_ARGS:--DGGML_NATIVE=OFF}" CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" \
   python -m pip install -q "llama-cpp-python==0.3.36"
 python -m pip install -q -e plugins/flashtts-llamacpp
 installed=$(date +%s)
