@@ -31,7 +31,6 @@ import msgspec
 
 from flashtts_core.errors import (
     AudioDecodeError,
-    GenerationError,
     InvalidRequestError,
     OverloadedError,
     UnsupportedFeatureError,
@@ -55,7 +54,6 @@ _REFERENCE_CACHE_TTL = 600.0  # s: identical uploads within this window reuse th
 _SPLIT_IN_THREAD_CHARS = 1024  # longer texts are split for counting in a worker thread (the loop stays free)
 DEFAULT_MAX_SEGMENTS = 256
 # Below this many tokens, a generation that yields no audio at all is blamed on the client's max_tokens (400).
-_SMALL_MAX_TOKENS = 256
 
 
 class SynthesisService:
@@ -243,27 +241,12 @@ class SynthesisService:
                 yield samples
 
     async def _run(self, request: SynthesisRequest) -> AsyncGenerator[np.ndarray, None]:
-        produced = False
-        try:
-            # aclosing: when our consumer closes us (client gone), the engine's generator, and through it the
-            # backend's, must stop now, not whenever the garbage collector finalises it.
-            async with contextlib.aclosing(self.engine.synthesize(request)) as chunks:
-                async for chunk in chunks:
-                    if chunk.samples.size:
-                        produced = True
-                        yield chunk.samples
-        except GenerationError as exc:
-            max_tokens = request.sampling.max_tokens
-            if produced or max_tokens is None or max_tokens > _SMALL_MAX_TOKENS:
-                raise
-            # A client cap this small is the likely cause (a voice prefix alone takes dozens of tokens): a 400
-            # naming the field, not a server error.
-            raise InvalidRequestError(
-                f"no audio was produced within max_tokens={max_tokens} ({exc.message}); "
-                "raise 'max_tokens' or leave it out",
-                param="max_tokens",
-                code="max_tokens_too_small",
-            ) from exc
+        # aclosing: when our consumer closes us (client gone), the engine's generator, and through it the backend's,
+        # must stop now, not whenever the garbage collector finalises it.
+        async with contextlib.aclosing(self.engine.synthesize(request)) as chunks:
+            async for chunk in chunks:
+                if chunk.samples.size:
+                    yield chunk.samples
 
     async def synthesize_dialogue(
         self, turns: list[DialogueTurn], base: SynthesisRequest

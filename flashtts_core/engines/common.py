@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
+from flashtts_core.errors import InvalidRequestError
 from flashtts_core.plugins.types import SamplingOverrides, SamplingParams
 
 if TYPE_CHECKING:
@@ -18,6 +19,7 @@ __all__ = (
     "resolve_device",
     "retry_seed",
     "segment_concurrency",
+    "token_budget_error",
 )
 
 #: The original FlashTTS server's sampling defaults, shared by its LLM-driven families.
@@ -81,3 +83,13 @@ def segment_concurrency(backend: BackendBase) -> int:
     limit = max(1, int(getattr(backend.config, "max_batch_size", 1) or 1))
     cap = backend.capabilities.max_concurrency
     return min(limit, cap) if cap else limit
+
+
+def token_budget_error(max_tokens: int) -> InvalidRequestError:
+    """A segment ran out of a client-set ``max_tokens`` before producing any audio: the client's cap is the cause
+    (retrying with the same cap cannot help), so this is a 400 naming the field, not a server error."""
+    return InvalidRequestError(
+        f"no audio was produced within max_tokens={max_tokens}; raise 'max_tokens' or leave it out",
+        param="max_tokens",
+        code="max_tokens_too_small",
+    )

@@ -48,6 +48,7 @@ from flashtts_core.engines.common import (
     resolve_device,
     retry_seed,
     segment_concurrency,
+    token_budget_error,
 )
 from flashtts_core.engines.orpheus.languages import LANG_MAP, LanguageSpec, resolve_language
 from flashtts_core.engines.orpheus.streaming import (
@@ -413,6 +414,8 @@ class _Job:
         tail = parser.finish()
         if finish == "abort":
             raise GenerationError("the generation was aborted by the backend; retry the request")
+        if finish == "length" and request.sampling.max_tokens is not None and parser.frames == 0:
+            raise token_budget_error(request.sampling.max_tokens)
         if parser.malformed_frames:
             logger.warning(
                 "request %s segment %d/%d: skipped %d malformed frame(s) (%d tokens in the wrong slot or outside the "

@@ -55,6 +55,7 @@ from flashtts_core.engines.common import (
     resolve_device,
     retry_seed,
     segment_concurrency,
+    token_budget_error,
 )
 from flashtts_core.engines.spark.streaming import (
     NON_STREAMING_SCHEDULE,
@@ -614,6 +615,9 @@ class _Job:
                     finish = chunk.finish_reason
         if finish == "abort":
             raise GenerationError("the generation was aborted by the backend; retry the request")
+        client_cap = self.request.sampling.max_tokens
+        if finish == "length" and client_cap is not None and (not prefix_handled or not parser.semantic_ids):
+            raise token_budget_error(client_cap)
         if not prefix_handled:
             raise _Degenerate("no voice (global tokens) was generated")
         if not parser.semantic_ids:

@@ -157,12 +157,24 @@ async def test_service_rejects_pitch_and_speed(orpheus_engine: OrpheusEngine) ->
         await orpheus_engine.prepare_voice(ReferenceAudio(data=b"RIFF"))
 
 
-async def test_no_valid_frame_is_a_generation_error(
-    orpheus_engine: OrpheusEngine, caplog: pytest.LogCaptureFixture
-) -> None:
-    with caplog.at_level(logging.WARNING), pytest.raises(GenerationError, match="no valid audio frames"):
+async def test_a_too_small_client_max_tokens_is_a_client_error(orpheus_engine: OrpheusEngine) -> None:
+    """Cut by the client's own cap before a whole frame: a 400 naming max_tokens (no retry, no 500)."""
+    with pytest.raises(InvalidRequestError) as excinfo:
         await _synth(orpheus_engine, sampling=SamplingOverrides(max_tokens=5))  # fewer tokens than one frame
-    assert "attempt 2" in caplog.text  # retried once with a fresh seed first
+    assert excinfo.value.param == "max_tokens" and excinfo.value.code == "max_tokens_too_small"
+
+
+def test_no_valid_frame_is_a_generation_error(caplog: pytest.LogCaptureFixture) -> None:
+    """A model whose every frame is malformed: retried once with a fresh seed, then a clear GenerationError."""
+    from flashtts_core.testing.tiny_orpheus import tiny_orpheus_dir
+
+    engine = start_engine(tiny_orpheus_dir(frames=2, malformed_frames=(0, 1)))
+    try:
+        with caplog.at_level(logging.WARNING), pytest.raises(GenerationError, match="no valid audio frames"):
+            asyncio.run(_synth(engine))
+        assert "attempt 2" in caplog.text
+    finally:
+        stop_engine(engine)
 
 
 async def test_warmup(orpheus_engine: OrpheusEngine) -> None:

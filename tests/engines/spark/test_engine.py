@@ -300,6 +300,14 @@ async def test_request_errors(engine: SparkEngine, voice: VoicePrompt) -> None:
         await _collect(engine, text="hi", prompt=broken)
 
 
+async def test_a_too_small_client_max_tokens_is_a_client_error(engine: SparkEngine, voice: VoicePrompt) -> None:
+    """Output cut by the client's own cap before any audio: a 400 naming max_tokens, no retry, no 500."""
+    for kwargs in ({"voice": "female"}, {"prompt": voice}):
+        with pytest.raises(InvalidRequestError) as excinfo:
+            await _collect(engine, text="hello", sampling=SamplingOverrides(max_tokens=1), **kwargs)
+        assert excinfo.value.param == "max_tokens" and excinfo.value.code == "max_tokens_too_small"
+
+
 async def test_sampling_follows_backend_capabilities(
     engine: SparkEngine, spy: Spy, monkeypatch: pytest.MonkeyPatch
 ) -> None:
