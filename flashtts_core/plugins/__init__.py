@@ -5,6 +5,7 @@ Third-party plugins import only from here (never from ``flashtts_core.server`` o
 
 from flashtts_core.plugins.base import BACKEND_API_VERSION, ENGINE_API_VERSION, BackendBase, EngineBase, NoOptions
 from flashtts_core.plugins.registry import BACKEND_GROUP, ENGINE_GROUP, PluginInfo, Registry, get_registry
+from flashtts_core.plugins.streams import QueueItem, token_stream
 from flashtts_core.plugins.types import (
     AudioChunk,
     BackendCapabilities,
@@ -40,6 +41,7 @@ __all__ = (
     "GenerationRequest",
     "NoOptions",
     "PluginInfo",
+    "QueueItem",
     "ReferenceAudio",
     "Registry",
     "SamplingOverrides",
@@ -49,4 +51,5 @@ __all__ = (
     "VoiceInfo",
     "VoicePrompt",
     "get_registry",
+    "token_stream",
 )

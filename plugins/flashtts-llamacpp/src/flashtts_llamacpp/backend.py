@@ -30,6 +30,7 @@ from flashtts_core.plugins import (
     GenerationRequest,
     TokenChunk,
 )
+from flashtts_core.plugins.streams import token_stream
 from flashtts_core.plugins.types import OPTIONAL_SAMPLING_FIELDS
 from flashtts_llamacpp.options import LlamaCppOptions
 
@@ -131,21 +132,8 @@ class LlamaCppBackend(BackendBase):
             raise BackendNotReadyError("the llama-cpp backend is not started")
         runtime.check_request(request)
         job = runtime.submit(request, asyncio.get_running_loop())
-        items = job.queue
         try:
-            while True:
-                item = await items.get()
-                # A slow consumer gets everything that piled up as one delta instead of one chunk per token.
-                token_ids: list[int] = []
-                while True:
-                    if isinstance(item, BaseException):
-                        raise item
-                    token_ids.extend(item.token_ids)
-                    if item.finish_reason is not None or items.empty():
-                        break
-                    item = items.get_nowait()
-                yield TokenChunk(tuple(token_ids), item.finish_reason)
-                if item.finish_reason is not None:
-                    return
+            async for chunk in token_stream(job.queue):
+                yield chunk
         finally:
             runtime.abort(job)

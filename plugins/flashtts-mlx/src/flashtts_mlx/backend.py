@@ -31,6 +31,7 @@ from flashtts_core.plugins import (
     GenerationRequest,
     TokenChunk,
 )
+from flashtts_core.plugins.streams import token_stream
 from flashtts_mlx.options import MlxOptions
 
 if TYPE_CHECKING:
@@ -154,21 +155,8 @@ class MlxBackend(BackendBase):
             raise BackendNotReadyError("the mlx-lm backend is not started")
         runtime.check_request(request)
         sequence = runtime.submit(request, asyncio.get_running_loop())
-        queue = sequence.queue
         try:
-            while True:
-                item = await queue.get()
-                # A slow consumer gets everything that piled up as one delta instead of one chunk per token.
-                token_ids: list[int] = []
-                while True:
-                    if isinstance(item, BaseException):
-                        raise item
-                    token_ids.extend(item.token_ids)
-                    if item.finish_reason is not None or queue.empty():
-                        break
-                    item = queue.get_nowait()
-                yield TokenChunk(tuple(token_ids), item.finish_reason)
-                if item.finish_reason is not None:
-                    return
+            async for chunk in token_stream(sequence.queue):
+                yield chunk
         finally:
             runtime.abort(sequence)
