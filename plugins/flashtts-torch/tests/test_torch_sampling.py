@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from flashtts_torch._runtime import process_logits
+from flashtts_torch._runtime import SequenceState, candidate_weights, process_logits, sample_batch
 from transformers.generation.logits_process import (
     MinPLogitsWarper,
     RepetitionPenaltyLogitsProcessor,
@@ -13,9 +13,10 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-from flashtts_core.plugins import SamplingParams
+from flashtts_core.plugins import GenerationRequest, SamplingParams
 
 VOCAB = 97
+_NEG = float("-inf")
 
 
 def _reference(logits: torch.Tensor, seen: list[int], sampling: SamplingParams) -> torch.Tensor:
@@ -68,3 +69,85 @@ def test_allowed_mask_applies_before_everything() -> None:
     assert int(scores.argmax()) == 7
     scores = process_logits(logits, SamplingParams(temperature=1.0, top_k=50), allowed=allowed)
     assert set(torch.isfinite(scores).nonzero().flatten().tolist()) == {2, 7}
+
+
+# --- the batched sampler the scheduler uses ----------------------------------------------------------------------
+
+_BATCH = [
+    SamplingParams(temperature=0.0, repetition_penalty=1.3),
+    SamplingParams(temperature=0.7),
+    SamplingParams(temperature=1.0, top_k=10),
+    SamplingParams(temperature=0.9, top_p=0.8),
+    SamplingParams(temperature=1.2, min_p=0.05),
+    SamplingParams(temperature=0.8, top_k=40, top_p=0.9, min_p=0.02, repetition_penalty=1.5),
+    SamplingParams(temperature=1.0, top_k=5, top_p=0.5),
+]
+
+
+def _sequence(sampling: SamplingParams, seed: int, presence: torch.Tensor | None = None) -> SequenceState:
+    request = GenerationRequest(request_id=f"r{seed}", prompt_token_ids=(1, 2, 3), sampling=sampling)
+    sequence = SequenceState(request, seed, None, None)  # type: ignore[arg-type]
+    sequence.generator = torch.Generator().manual_seed(seed)
+    sequence.presence = presence if sampling.repetition_penalty != 1.0 else None
+    return sequence
+
+
+def _support(scores: torch.Tensor) -> set[int]:
+    return set(torch.isfinite(scores).nonzero().flatten().tolist())
+
+
+@pytest.mark.parametrize("with_allowed", [False, True])
+def test_batched_candidates_match_process_logits(with_allowed: bool) -> None:
+    """Each row of the batched path keeps exactly the ids the one-row reference keeps, whatever its neighbours."""
+    generator = torch.Generator().manual_seed(1)
+    logits = torch.randn(len(_BATCH), VOCAB, generator=generator) * 3
+    presence = torch.zeros(VOCAB, dtype=torch.bool)
+    presence[torch.tensor([3, 5, 40, 96, 0])] = True
+    allowed = None
+    if with_allowed:
+        allowed = torch.zeros(VOCAB, dtype=torch.bool)
+        allowed[torch.arange(0, VOCAB, 3)] = True
+    presences = [presence if s.repetition_penalty != 1.0 else None for s in _BATCH]
+    greedy, groups = candidate_weights(logits, _BATCH, presences, [allowed] * len(_BATCH))
+    seen = set()
+    for rows, ids, weights in groups:
+        for j, row in enumerate(rows):
+            seen.add(row)
+            reference = process_logits(logits[row], _BATCH[row], presences[row], allowed)
+            order = torch.arange(VOCAB) if ids is None else ids[j]
+            kept = {int(i) for i, w in zip(order, weights[j], strict=True) if w > 0}
+            assert kept == _support(reference), _BATCH[row]
+            probs = torch.zeros(VOCAB).scatter(0, order, weights[j] / weights[j].sum())
+            torch.testing.assert_close(probs, reference.softmax(-1))
+    for row, sampling in enumerate(_BATCH):
+        if sampling.temperature == 0.0:
+            assert row not in seen
+            assert int(greedy[row]) == int(process_logits(logits[row], sampling, presences[row], allowed).argmax())
+    assert len(seen) == len(_BATCH) - 1
+
+
+def test_batched_sampling_ignores_neighbours() -> None:
+    """A seeded row draws the same ids alone and among other rows (any K, any mix of settings)."""
+    generator = torch.Generator().manual_seed(2)
+    steps = [torch.randn(len(_BATCH), VOCAB, generator=generator) * 2 for _ in range(30)]
+    presence = torch.zeros(VOCAB, dtype=torch.bool)
+    presence[3] = True
+    for row, sampling in enumerate(_BATCH):
+        alone = _sequence(sampling, 7, presence.clone())
+        crowd = [_sequence(s, 100 + i, presence.clone()) for i, s in enumerate(_BATCH)]
+        crowd[row] = _sequence(sampling, 7, presence.clone())
+        solo_ids = [int(sample_batch(step[row : row + 1], [alone])[0]) for step in steps]
+        crowd_ids = [int(sample_batch(step, crowd)[row]) for step in steps]
+        assert solo_ids == crowd_ids, sampling
+
+
+def test_batched_sampling_follows_the_distribution() -> None:
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0, _NEG]] * 2)
+    sequences = [_sequence(SamplingParams(temperature=1.0), 3), _sequence(SamplingParams(temperature=1.0, top_k=2), 4)]
+    counts = torch.zeros(2, 5)
+    for _ in range(4000):
+        picks = sample_batch(logits, sequences)
+        counts[0, picks[0]] += 1
+        counts[1, picks[1]] += 1
+    expected = torch.stack([logits[0].softmax(-1), logits[0].masked_fill(logits[0] < 1.0, _NEG).softmax(-1)])
+    torch.testing.assert_close(counts / 4000, expected, atol=0.03, rtol=0)

@@ -13,8 +13,9 @@ Scheduler (one worker thread, ``TorchRuntime._run``), one iteration:
 2. drop aborted rows from the batch;
 3. prefill each new sequence alone (batch 1, its own fresh cache), sample its first token, then merge its cache
    into the batch cache;
-4. run one decoding step for all active rows in a single forward pass and sample one token per row;
-5. drop finished rows.
+4. run one decoding step for all active rows in a single forward pass and sample one token per row, all rows at
+   once (``sample_batch``; each sampled row draws from its own seeded generator);
+5. drop finished rows, then hand the step's deltas to the consumers: one ``call_soon_threadsafe`` per event loop.
 
 Batched KV cache: every layer holds keys/values of shape ``(batch, kv_heads, columns, head_dim)`` with the rows
 **right-aligned** (left padding). ``self._mask`` ``(batch, columns)`` is 1 on real tokens and 0 on padding;
@@ -47,18 +48,15 @@ from flashtts_core.errors import (
     InvalidRequestError,
     PluginError,
 )
-from flashtts_core.plugins import BackendConfig, GenerationRequest, SamplingParams, TokenChunk
+from flashtts_core.plugins import BackendConfig, GenerationRequest, QueueItem, SamplingParams, TokenChunk
 from flashtts_torch.options import TorchOptions
 
-__all__ = ("SequenceState", "TorchRuntime", "process_logits", "sample_next")
+__all__ = ("SequenceState", "TorchRuntime", "candidate_weights", "process_logits", "sample_batch", "sample_next")
 
 logger = logging.getLogger(__name__)
 
 _NEG_INF = float("-inf")
 _MAX_CACHED_MASKS = 32
-
-# What the worker hands to the event loop: a delta, or the error that ends the request.
-QueueItem = TokenChunk | BaseException
 
 
 class SequenceState:
@@ -145,11 +143,134 @@ def process_logits(
 def sample_next(logits: torch.Tensor, sampling: SamplingParams, sequence: SequenceState) -> torch.Tensor:
     """Pick the next id from one row of logits ``(vocab,)``: argmax when greedy, else a draw from the sequence's
     own generator (so a seeded request does not depend on its batch neighbours). Returns a 0-d long tensor; no host
-    synchronisation here, the caller fetches all rows at once."""
+    synchronisation here, the caller fetches all rows at once. The scheduler uses :func:`sample_batch`; this
+    one-row version is the reference it is tested against."""
     scores = process_logits(logits, sampling, sequence.presence, sequence.allowed)
     if sampling.temperature == 0.0:
         return scores.argmax()
     return torch.multinomial(scores.softmax(-1), 1, generator=sequence.generator)[0]
+
+
+Candidates = tuple[list[int], torch.Tensor | None, torch.Tensor]
+
+
+def candidate_weights(
+    logits: torch.Tensor,
+    samplings: list[SamplingParams],
+    presences: list[torch.Tensor | None],
+    alloweds: list[torch.Tensor | None],
+) -> tuple[torch.Tensor, list[Candidates]]:
+    """:func:`process_logits` for a whole batch ``(B, vocab)`` at once.
+
+    Returns ``(greedy, groups)``: ``greedy`` ``(B,)`` the argmax of the penalised, masked scores (the pick of greedy
+    rows), and for the sampled rows up to two groups ``(rows, ids, weights)``: ``weights`` ``(len(rows), K)`` the
+    unnormalised probabilities ``exp(score - max)`` after temperature/top-k/top-p/min-p (0 on removed ids) and
+    ``ids`` their token ids. Rows with nothing to truncate keep the vocabulary order (``ids`` is ``None``, no sort);
+    the others get their best ``K`` ids sorted by score, ``K`` the largest top-k of the group (the vocabulary if a
+    row has none).
+
+    A row's weights and their order do not depend on the other rows: every op is row-wise, and where ``K`` varies,
+    the extra columns are zeros at the end of the row, which leave its cumulative sums unchanged.
+    """
+    scores = logits.float()
+    size, vocab = scores.shape
+    device = scores.device
+    penalties = [s.repetition_penalty if p is not None else 1.0 for s, p in zip(samplings, presences, strict=True)]
+    if any(penalty != 1.0 for penalty in penalties):
+        no_presence = torch.zeros(vocab, dtype=torch.bool, device=device)
+        presence = torch.stack([no_presence if p is None else p for p in presences])
+        penalty = torch.tensor(penalties, dtype=scores.dtype, device=device)[:, None]
+        scores = torch.where(presence, torch.where(scores < 0, scores * penalty, scores / penalty), scores)
+    masks = [m for m in alloweds if m is not None]
+    if masks:
+        if len(masks) == size and all(m is masks[0] for m in masks):
+            allowed = masks[0]  # the usual case: one engine, one shared mask object
+        else:
+            everything = torch.ones(vocab, dtype=torch.bool, device=device)
+            allowed = torch.stack([everything if m is None else m for m in alloweds])
+        scores = scores.masked_fill(~allowed, _NEG_INF)
+    greedy = scores.argmax(-1)
+    plain: list[int] = []
+    truncated: list[int] = []
+    for row, sampling in enumerate(samplings):
+        if sampling.temperature == 0.0:
+            continue
+        if 0 < sampling.top_k < vocab or sampling.top_p < 1.0 or sampling.min_p > 0.0:
+            truncated.append(row)
+        else:
+            plain.append(row)
+    groups: list[Candidates] = []
+    if plain:
+        rows = _select(scores, plain, size)
+        temperature = _column([samplings[i].temperature for i in plain], rows)
+        rows = rows / temperature
+        groups.append((plain, None, (rows - rows.amax(-1, keepdim=True)).exp()))
+    if truncated:
+        chosen = [samplings[i] for i in truncated]
+        rows = _select(scores, truncated, size)
+        rows = rows / _column([s.temperature for s in chosen], rows)
+        top_ks = [s.top_k if 0 < s.top_k < vocab else vocab for s in chosen]
+        width = max(top_ks)
+        values, ids = rows.topk(width, dim=-1)  # (b, K), best first
+        if any(k < width for k in top_ks):
+            kth_best = values.gather(1, torch.tensor(top_ks, device=device)[:, None] - 1)
+            values = values.masked_fill(values < kth_best, _NEG_INF)
+        weights = (values - values[:, :1]).exp()  # (b, K), 1 at the best id, 0 on removed ids
+        if any(s.top_p < 1.0 for s in chosen):
+            # process_logits' rule (ascending cumulative probability <= 1 - top_p is dropped, the best id always
+            # kept) on unnormalised weights: cumulative <= (1 - top_p) * total.
+            ascending = weights.flip(-1).cumsum(-1)
+            drop_mass = _column([1.0 - s.top_p for s in chosen], weights)
+            drop = (ascending <= drop_mass * ascending[:, -1:]).flip(-1)
+            drop[:, 0] = False
+            weights = weights.masked_fill(drop, 0.0)
+        if any(s.min_p > 0.0 for s in chosen):
+            # probs < min_p * max(probs), on the weights (whose max is 1).
+            weights = weights.masked_fill(weights < _column([s.min_p for s in chosen], weights), 0.0)
+        groups.append((truncated, ids, weights))
+    return greedy, groups
+
+
+def _select(scores: torch.Tensor, rows: list[int], size: int) -> torch.Tensor:
+    if len(rows) == size:
+        return scores
+    return scores.index_select(0, torch.tensor(rows, device=scores.device))
+
+
+def _column(values: list[float], like: torch.Tensor) -> torch.Tensor:
+    return torch.tensor(values, dtype=like.dtype, device=like.device)[:, None]
+
+
+def sample_batch(logits: torch.Tensor, sequences: list[SequenceState]) -> torch.Tensor:
+    """Pick one id per row of ``logits`` ``(B, vocab)``; returns ``(B,)`` long, no host synchronisation.
+
+    Greedy rows take the argmax. Sampled rows draw by inverse CDF with one uniform number from their own generator,
+    so a seeded request gets the same ids whatever its batch neighbours are."""
+    greedy, groups = candidate_weights(
+        logits,
+        [seq.sampling for seq in sequences],
+        [seq.presence for seq in sequences],
+        [seq.allowed for seq in sequences],
+    )
+    picks = greedy
+    for rows, ids, weights in groups:
+        draws = torch.cat([torch.rand(1, generator=sequences[i].generator, device=weights.device) for i in rows])
+        cumulative = weights.cumsum(-1)  # (b, K)
+        # The first column whose cumulative weight reaches u * total: clamped above 0 so that it is never a leading
+        # zero-weight column (u == 0); u < 1 keeps it at or before the last non-zero one.
+        target = (draws[:, None] * cumulative[:, -1:]).clamp_min(torch.finfo(weights.dtype).tiny)
+        column = torch.searchsorted(cumulative, target).clamp_max_(weights.shape[1] - 1)  # (b, 1)
+        picked = (column if ids is None else ids.gather(1, column))[:, 0]
+        if len(rows) == len(sequences):
+            return picked
+        picks = picks.index_copy(0, torch.tensor(rows, device=picks.device), picked)
+    return picks
+
+
+def _deliver(items: list[tuple[SequenceState, QueueItem]]) -> None:
+    """Runs on the consumer's event loop: put a scheduler step's items into their queues, in order."""
+    for sequence, item in items:
+        sequence.queue.put_nowait(item)
 
 
 def _available_cpus() -> int:
@@ -216,6 +337,8 @@ class TorchRuntime:
         self._mask: torch.Tensor | None = None  # (batch, columns) long
         self._admitting = 0
         self._allowed_masks: OrderedDict[frozenset[int], torch.Tensor] = OrderedDict()
+        # Items emitted during the current scheduler iteration, handed to the event loops by _flush.
+        self._outbox: list[tuple[SequenceState, QueueItem]] = []
         # Seeds for requests without one: reproducible per server run when config.seed is set.
         self._seed_rng = random.Random(config.seed)
         self._previous_threads: int | None = None
@@ -338,6 +461,7 @@ class TorchRuntime:
         leftovers.extend(self._batch)
         for sequence in leftovers:
             self._finish(sequence, TokenChunk((), "abort"))
+        self._flush()
         self._batch = []
         self._cache = self._mask = None
         self._allowed_masks.clear()
@@ -357,26 +481,35 @@ class TorchRuntime:
                 admitted = self._next_work()
                 if admitted is None:
                     return
-                self._drop_rows([i for i, seq in enumerate(self._batch) if seq.aborted])
-                for sequence in admitted:
-                    try:
-                        if not sequence.aborted:
-                            self._prefill(sequence)
-                    except Exception as exc:
-                        logger.exception("prefill failed for request %s", sequence.request_id)
-                        self._finish(sequence, self._error(exc))
-                    finally:
-                        self._admitting -= 1
-                if not self._batch:
-                    continue
                 try:
-                    self._decode_step()
-                except Exception as exc:
-                    logger.exception("decoding step failed; ending %d requests", len(self._batch))
-                    error = self._error(exc)
-                    for sequence in self._batch:
-                        self._finish(sequence, error)
-                    self._batch, self._cache, self._mask = [], None, None
+                    self._iterate(admitted)
+                finally:
+                    self._flush()
+
+    def _iterate(self, admitted: list[SequenceState]) -> None:
+        """One scheduler iteration: drop aborted rows, prefill the admitted sequences, one decoding step."""
+        self._drop_rows([i for i, seq in enumerate(self._batch) if seq.aborted])
+        for sequence in admitted:
+            try:
+                if not sequence.aborted:
+                    self._prefill(sequence)
+            except Exception as exc:
+                logger.exception("prefill failed for request %s", sequence.request_id)
+                self._finish(sequence, self._error(exc))
+            finally:
+                self._admitting -= 1
+        if admitted:
+            self._flush()  # first tokens out before the decoding step (time to first token)
+        if not self._batch:
+            return
+        try:
+            self._decode_step()
+        except Exception as exc:
+            logger.exception("decoding step failed; ending %d requests", len(self._batch))
+            error = self._error(exc)
+            for sequence in self._batch:
+                self._finish(sequence, error)
+            self._batch, self._cache, self._mask = [], None, None
 
     def _next_work(self) -> list[SequenceState] | None:
         """Block until there is something to do; return the newly admitted sequences (``None``: shut down)."""
@@ -413,7 +546,7 @@ class TorchRuntime:
         extra = {self._keep_kwarg: 1} if self._keep_kwarg else {}
         logits, cache = self._forward(input_ids, self._cache_cls(), **extra)  # logits (1, 1|prompt, vocab)
         sequence.length = len(sequence.prompt)
-        token = int(sample_next(logits[0, -1], sampling, sequence))
+        token = int(sample_batch(logits[:, -1], [sequence])[0])
         if self._accept(sequence, token):
             self._join(sequence, cache)
 
@@ -429,8 +562,7 @@ class TorchRuntime:
         logits, self._cache = self._forward(
             input_ids, self._cache, attention_mask=self._mask, position_ids=positions
         )  # logits (B, 1, vocab)
-        rows = logits[:, -1, :]
-        picks = torch.stack([sample_next(rows[i], seq.sampling, seq) for i, seq in enumerate(batch)]).tolist()
+        picks = sample_batch(logits[:, -1, :], batch).tolist()
         done: list[int] = []
         for i, (sequence, token) in enumerate(zip(batch, picks, strict=True)):
             sequence.length += 1
@@ -516,10 +648,22 @@ class TorchRuntime:
     # --- hand-off to the event loop --------------------------------------------------------------------------
 
     def _emit(self, sequence: SequenceState, item: QueueItem) -> None:
-        try:
-            sequence.loop.call_soon_threadsafe(sequence.queue.put_nowait, item)
-        except RuntimeError:  # the consumer's loop is closed: nobody will read this sequence again
-            sequence.aborted = True
+        """Queue an item for the consumer; sent by :meth:`_flush` at the end of the scheduler iteration."""
+        self._outbox.append((sequence, item))
+
+    def _flush(self) -> None:
+        """Hand this iteration's items over with one ``call_soon_threadsafe`` per event loop (one wake-up per step,
+        not one per token per row)."""
+        outbox, self._outbox = self._outbox, []
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[SequenceState, QueueItem]]] = {}
+        for sequence, item in outbox:
+            by_loop.setdefault(sequence.loop, []).append((sequence, item))
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_deliver, items)
+            except RuntimeError:  # the consumer's loop is closed: nobody will read these sequences again
+                for sequence, _ in items:
+                    sequence.aborted = True
 
     def _finish(self, sequence: SequenceState, item: QueueItem) -> None:
         if sequence.finished:

@@ -30,6 +30,7 @@ from flashtts_core.plugins import (
     GenerationRequest,
     TokenChunk,
 )
+from flashtts_core.plugins.streams import token_stream
 from flashtts_core.plugins.types import OPTIONAL_SAMPLING_FIELDS
 from flashtts_torch.options import TorchOptions
 
@@ -128,21 +129,8 @@ class TorchBackend(BackendBase):
             raise BackendNotReadyError("the torch backend is not started")
         runtime.check_request(request)
         sequence = runtime.submit(request, asyncio.get_running_loop())
-        queue = sequence.queue
         try:
-            while True:
-                item = await queue.get()
-                # A slow consumer gets everything that piled up as one delta instead of one chunk per token.
-                token_ids: list[int] = []
-                while True:
-                    if isinstance(item, BaseException):
-                        raise item
-                    token_ids.extend(item.token_ids)
-                    if item.finish_reason is not None or queue.empty():
-                        break
-                    item = queue.get_nowait()
-                yield TokenChunk(tuple(token_ids), item.finish_reason)
-                if item.finish_reason is not None:
-                    return
+            async for chunk in token_stream(sequence.queue):
+                yield chunk
         finally:
             runtime.abort(sequence)
