@@ -155,6 +155,19 @@ class BackendBase(abc.ABC):
         n_prompt = len(request.prompt_token_ids)
         if n_prompt == 0:
             raise InvalidRequestError("the prompt is empty", param="prompt_token_ids")
+        vocab = caps.vocab_size
+        if vocab is not None:
+            # An id the model cannot embed would fail (or read garbage) inside the runtime, taking its batch along.
+            prompt = request.prompt_token_ids
+            if min(prompt) < 0 or max(prompt) >= vocab:
+                raise InvalidRequestError(
+                    f"prompt_token_ids must be in [0, {vocab}) for this model", param="prompt_token_ids"
+                )
+            allowed = sampling.allowed_token_ids
+            if allowed is not None and (not allowed or min(allowed) < 0 or max(allowed) >= vocab):
+                raise InvalidRequestError(
+                    f"allowed_token_ids must be a non-empty set of ids in [0, {vocab})", param="allowed_token_ids"
+                )
         room = caps.max_model_len - n_prompt
         if room < 1:
             raise PromptTooLongError(

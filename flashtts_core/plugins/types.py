@@ -96,6 +96,8 @@ class BackendCapabilities(msgspec.Struct, frozen=True, kw_only=True):
     max_concurrency: int | None = None  # None = no fixed cap (continuous batching)
     deterministic_seed: bool = False  # same request + same seed → same ids
     devices: frozenset[str] = frozenset({"cpu"})
+    # Rows of the model's embedding; when given, BackendBase.validate rejects out-of-range prompt/allowed ids.
+    vocab_size: int | None = None
 
 
 class BackendHealth(msgspec.Struct, frozen=True, kw_only=True):

@@ -36,7 +36,6 @@ from flashtts_core.errors import (
     BackendNotReadyError,
     CheckpointError,
     GenerationError,
-    InvalidRequestError,
     PluginError,
 )
 from flashtts_core.plugins import BackendConfig, GenerationRequest, SamplingParams, TokenChunk
@@ -412,19 +411,6 @@ class LlamaCppRuntime:
     @property
     def num_waiting(self) -> int:
         return len(self._waiting)
-
-    def check_request(self, request: GenerationRequest) -> None:
-        """Ids llama.cpp would reject (or crash on) are a client error, reported before the first token."""
-        prompt = request.prompt_token_ids
-        if min(prompt) < 0 or max(prompt) >= self.n_vocab:
-            raise InvalidRequestError(
-                f"prompt token ids must be in [0, {self.n_vocab}) for this model", param="prompt_token_ids"
-            )
-        allowed = request.sampling.allowed_token_ids
-        if allowed is not None and (not allowed or min(allowed) < 0 or max(allowed) >= self.n_vocab):
-            raise InvalidRequestError(
-                f"allowed_token_ids must be a non-empty set of ids in [0, {self.n_vocab})", param="allowed_token_ids"
-            )
 
     def submit(self, request: GenerationRequest, loop: asyncio.AbstractEventLoop) -> Job:
         seed = request.sampling.seed

@@ -89,6 +89,7 @@ class LlamaCppBackend(BackendBase):
             max_concurrency=runtime.num_contexts,
             deterministic_seed=True,
             devices=runtime.devices,
+            vocab_size=runtime.n_vocab,
         )
         if self.config.dtype != "auto":
             logger.info(
@@ -130,7 +131,6 @@ class LlamaCppBackend(BackendBase):
         runtime = self._runtime
         if runtime is None:
             raise BackendNotReadyError("the llama-cpp backend is not started")
-        runtime.check_request(request)
         job = runtime.submit(request, asyncio.get_running_loop())
         try:
             async for chunk in token_stream(job.queue):

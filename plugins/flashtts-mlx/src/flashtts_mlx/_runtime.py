@@ -39,7 +39,6 @@ from flashtts_core.errors import (
     BackendNotReadyError,
     CheckpointError,
     GenerationError,
-    InvalidRequestError,
     PluginError,
 )
 from flashtts_core.plugins import BackendConfig, GenerationRequest, SamplingParams, TokenChunk
@@ -111,7 +110,7 @@ def make_sampler_for(
 
 class MlxRuntime:
     """Owns the model, the ``BatchGenerator`` and the worker thread. ``load``/``close`` block (run them with
-    ``anyio.to_thread``); ``check_request``/``submit``/``abort`` and the counters are called from the event loop."""
+    ``anyio.to_thread``); ``submit``/``abort`` and the counters are called from the event loop."""
 
     def __init__(self, config: BackendConfig, options: MlxOptions) -> None:
         self._config = config
@@ -147,24 +146,6 @@ class MlxRuntime:
     @property
     def num_waiting(self) -> int:
         return len(self._pending)
-
-    def check_request(self, request: GenerationRequest) -> None:
-        """Reject ids the model cannot embed before any work starts (mlx does not bounds-check gathers: an
-        out-of-range id would read garbage instead of failing)."""
-        vocab = self.vocab_size
-        prompt = request.prompt_token_ids
-        if min(prompt) < 0 or max(prompt) >= vocab:
-            raise InvalidRequestError(
-                f"prompt_token_ids must be in [0, {vocab}) for this model", param="prompt_token_ids"
-            )
-        allowed = request.sampling.allowed_token_ids
-        if allowed is not None:
-            if not allowed:
-                raise InvalidRequestError("allowed_token_ids is empty", param="allowed_token_ids")
-            if min(allowed) < 0 or max(allowed) >= vocab:
-                raise InvalidRequestError(
-                    f"allowed_token_ids must be in [0, {vocab}) for this model", param="allowed_token_ids"
-                )
 
     def submit(self, request: GenerationRequest, loop: asyncio.AbstractEventLoop) -> MlxSequence:
         """Queue a request for the worker; never blocks and never refuses for load (the queue is unbounded)."""

@@ -117,6 +117,7 @@ class MlxBackend(BackendBase):
             max_concurrency=None,
             deterministic_seed=True,
             devices=frozenset(devices),
+            vocab_size=runtime.vocab_size,
         )
         logger.info(
             "mlx-lm backend ready: %s on %s, max_model_len=%d, max_batch_size=%d",
@@ -153,7 +154,6 @@ class MlxBackend(BackendBase):
         runtime = self._runtime
         if runtime is None:
             raise BackendNotReadyError("the mlx-lm backend is not started")
-        runtime.check_request(request)
         sequence = runtime.submit(request, asyncio.get_running_loop())
         try:
             async for chunk in token_stream(sequence.queue):

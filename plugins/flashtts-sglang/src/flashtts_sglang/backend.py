@@ -312,6 +312,7 @@ class SglangBackend(BackendBase):
             max_concurrency=None,
             deterministic_seed=False,
             devices=frozenset({"cuda"}),
+            vocab_size=self._vocab_size,
         )
         self._engine = engine
         logger.info(
@@ -346,24 +347,10 @@ class SglangBackend(BackendBase):
         if inspect.isawaitable(result):
             await result
 
-    def _check_ids(self, request: GenerationRequest) -> None:
-        vocab = self._vocab_size
-        prompt = request.prompt_token_ids
-        if min(prompt) < 0 or max(prompt) >= vocab:
-            raise InvalidRequestError(
-                f"prompt_token_ids must be in [0, {vocab}) for this model", param="prompt_token_ids"
-            )
-        allowed = request.sampling.allowed_token_ids
-        if allowed is not None and (not allowed or min(allowed) < 0 or max(allowed) >= vocab):
-            raise InvalidRequestError(
-                f"allowed_token_ids must be a non-empty set of ids in [0, {vocab})", param="allowed_token_ids"
-            )
-
     async def _generate(self, request: GenerationRequest) -> AsyncIterator[TokenChunk]:
         engine = self._engine
         if engine is None:
             raise BackendNotReadyError("the sglang backend is not started")
-        self._check_ids(request)
         params = sampling_params(request.sampling, allowed_ids=self._processor is not None)
         rid = f"{request.request_id}-{uuid.uuid4().hex[:12]}"
         tracker = OutputTracker(incremental=self._incremental, stop_ids=request.sampling.stop_token_ids)

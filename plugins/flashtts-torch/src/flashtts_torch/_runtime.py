@@ -45,7 +45,6 @@ from flashtts_core.errors import (
     BackendNotReadyError,
     CheckpointError,
     GenerationError,
-    InvalidRequestError,
     PluginError,
 )
 from flashtts_core.plugins import BackendConfig, GenerationRequest, QueueItem, SamplingParams, TokenChunk
@@ -318,7 +317,7 @@ def _kv_pairs(cache: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
 
 class TorchRuntime:
     """Owns the model and the scheduler thread. ``load``/``close`` run in a worker thread (``anyio.to_thread``);
-    ``check_request``/``submit``/``abort`` and the counters are called from the event loop."""
+    ``submit``/``abort`` and the counters are called from the event loop."""
 
     def __init__(self, config: BackendConfig, options: TorchOptions) -> None:
         self._config = config
@@ -357,24 +356,6 @@ class TorchRuntime:
     @property
     def num_waiting(self) -> int:
         return len(self._pending)
-
-    def check_request(self, request: GenerationRequest) -> None:
-        """Reject ids the model cannot embed before any work starts (an out-of-range id would otherwise surface as
-        an index error inside the forward pass, failing the whole batch)."""
-        vocab = self.vocab_size
-        prompt = request.prompt_token_ids
-        if min(prompt) < 0 or max(prompt) >= vocab:
-            raise InvalidRequestError(
-                f"prompt_token_ids must be in [0, {vocab}) for this model", param="prompt_token_ids"
-            )
-        allowed = request.sampling.allowed_token_ids
-        if allowed is not None:
-            if not allowed:
-                raise InvalidRequestError("allowed_token_ids is empty", param="allowed_token_ids")
-            if min(allowed) < 0 or max(allowed) >= vocab:
-                raise InvalidRequestError(
-                    f"allowed_token_ids must be in [0, {vocab}) for this model", param="allowed_token_ids"
-                )
 
     def submit(self, request: GenerationRequest, loop: asyncio.AbstractEventLoop) -> SequenceState:
         """Queue a request for the worker; never blocks and never refuses for load (the queue is unbounded)."""

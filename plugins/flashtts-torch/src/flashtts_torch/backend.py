@@ -90,6 +90,7 @@ class TorchBackend(BackendBase):
             max_concurrency=None,
             deterministic_seed=True,
             devices=frozenset({"cpu", "cuda", "mps"}),
+            vocab_size=runtime.vocab_size,
         )
         logger.info(
             "torch backend ready: %s on %s (%s), max_model_len=%d, max_batch_size=%d",
@@ -127,7 +128,6 @@ class TorchBackend(BackendBase):
         runtime = self._runtime
         if runtime is None:
             raise BackendNotReadyError("the torch backend is not started")
-        runtime.check_request(request)
         sequence = runtime.submit(request, asyncio.get_running_loop())
         try:
             async for chunk in token_stream(sequence.queue):

@@ -286,6 +286,7 @@ class VllmBackend(BackendBase):
             max_concurrency=None,
             deterministic_seed=True,
             devices=frozenset({device_type}),
+            vocab_size=self._vocab_size,
         )
         self._engine = engine
         logger.info(
@@ -316,24 +317,10 @@ class VllmBackend(BackendBase):
 
     # --- generation ------------------------------------------------------------------------------------------
 
-    def _check_ids(self, request: GenerationRequest) -> None:
-        vocab = self._vocab_size
-        prompt = request.prompt_token_ids
-        if min(prompt) < 0 or max(prompt) >= vocab:
-            raise InvalidRequestError(
-                f"prompt_token_ids must be in [0, {vocab}) for this model", param="prompt_token_ids"
-            )
-        allowed = request.sampling.allowed_token_ids
-        if allowed is not None and (not allowed or min(allowed) < 0 or max(allowed) >= vocab):
-            raise InvalidRequestError(
-                f"allowed_token_ids must be a non-empty set of ids in [0, {vocab})", param="allowed_token_ids"
-            )
-
     async def _generate(self, request: GenerationRequest) -> AsyncIterator[TokenChunk]:
         engine = self._engine
         if engine is None:
             raise BackendNotReadyError("the vllm backend is not started")
-        self._check_ids(request)
         sampling = request.sampling
         seed = sampling.seed
         if seed is None and self._seed_rng is not None:
