@@ -8,20 +8,13 @@ bounded in count and time and talks to loopback only.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import socket
 import time
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
-import uvicorn
-from litestar.testing import TestClient
 
-from flashtts_core.config import ServerSettings
-from flashtts_core.server import create_app
-from flashtts_core.testing.checkpoints import tiny_checkpoint_dir
-from tests.server.conftest import Server
+from tests.server.conftest import Server, serve_tiny_spark
 
 MAX_UPLOAD = 2_000_000
 # Many short sentences in many segments: a generation of tens of seconds on a CPU (the tests stop it early).
@@ -31,39 +24,8 @@ LONG_BODY = {"name": "female", "text": LONG_TEXT, "length_threshold": 5, "window
 
 @pytest.fixture(scope="session")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    role_dir = tmp_path_factory.mktemp("reliability") / "roles"
-    settings = ServerSettings(
-        model_path=str(tiny_checkpoint_dir("spark")),
-        backend="torch",
-        role_dir=str(role_dir),
-        llm_device="cpu",
-        tokenizer_device="cpu",
-        detokenizer_device="cpu",
-        max_upload_bytes=MAX_UPLOAD,
-    )
-    app = create_app(settings)
-    with TestClient(app, timeout=120) as client:
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-        config = uvicorn.Config(app, lifespan="off", log_config=None, log_level="warning", timeout_graceful_shutdown=2)
-        uv = uvicorn.Server(config)
-        future = client.blocking_portal.start_task_soon(uv.serve, [sock])
-        deadline = time.monotonic() + 30
-        while not uv.started:
-            if future.done():
-                future.result()
-            if time.monotonic() > deadline:
-                raise RuntimeError("uvicorn did not start")
-            time.sleep(0.02)
-        try:
-            yield Server(app, client, f"http://127.0.0.1:{port}", role_dir)
-        finally:
-            uv.should_exit = True
-            with contextlib.suppress(Exception):
-                future.result(timeout=10)
-            sock.close()
+    with serve_tiny_spark(tmp_path_factory.mktemp("reliability") / "roles", max_upload_bytes=MAX_UPLOAD) as running:
+        yield running
 
 
 def load(server: Server) -> dict[str, Any]:

@@ -68,9 +68,10 @@ class Server:
             self.state.settings = original
 
 
-@pytest.fixture(scope="session")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    role_dir = tmp_path_factory.mktemp("roles")
+@contextlib.contextmanager
+def serve_tiny_spark(role_dir: Path, *, max_upload_bytes: int = MAX_UPLOAD) -> Iterator[Server]:
+    """The real app on the tiny Spark checkpoint and the torch backend, loaded once, reachable through Litestar's
+    ``TestClient`` (which runs the lifespan) and through a real uvicorn on 127.0.0.1 sharing the same app."""
     settings = ServerSettings(
         model_path=str(tiny_checkpoint_dir("spark")),
         backend="torch",
@@ -78,7 +79,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
         llm_device="cpu",
         tokenizer_device="cpu",
         detokenizer_device="cpu",
-        max_upload_bytes=MAX_UPLOAD,
+        max_upload_bytes=max_upload_bytes,
     )
     app = create_app(settings)
     with TestClient(app, timeout=120) as client:
@@ -103,3 +104,9 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
             with contextlib.suppress(Exception):
                 future.result(timeout=10)
             sock.close()
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    with serve_tiny_spark(tmp_path_factory.mktemp("roles")) as running:
+        yield running
