@@ -85,6 +85,10 @@ class BackendBase(abc.ABC):
         self._started = False
         self._stopped = False
         self._running = 0
+        # Monotonic counts over the backend's life, for /metrics (LLM tokens/s): prompt ids of validated requests
+        # and generated ids streamed to consumers (stop ids are never streamed, so never counted).
+        self.prompt_tokens = 0
+        self.generated_tokens = 0
 
     @classmethod
     def check_available(cls) -> str | None:
@@ -182,12 +186,14 @@ class BackendBase(abc.ABC):
     async def generate(self, request: GenerationRequest) -> AsyncIterator[TokenChunk]:
         """Stream generated ids for ``request``. Validation errors surface at the first ``__anext__``."""
         request = self.validate(request)
+        self.prompt_tokens += len(request.prompt_token_ids)
         self._running += 1
         # aclosing: when our consumer closes us (or is cancelled while we are suspended at ``yield``), the inner
         # generator must run its ``finally`` (the runtime abort) now, not whenever it is garbage-collected.
         try:
             async with contextlib.aclosing(self._generate(request)) as chunks:
                 async for chunk in chunks:
+                    self.generated_tokens += len(chunk.token_ids)
                     yield chunk
         finally:
             self._running -= 1

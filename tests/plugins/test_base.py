@@ -1,4 +1,4 @@
-"""BackendBase.validate: the checks every backend gets before its first token."""
+"""BackendBase: the checks every backend gets before its first token, and its token counters."""
 
 from __future__ import annotations
 
@@ -28,7 +28,8 @@ class _Backend(BackendBase):
         return BackendCapabilities(sampling=frozenset({"top_k", "allowed_token_ids"}), max_model_len=8, vocab_size=16)
 
     async def _generate(self, request: GenerationRequest) -> AsyncIterator[TokenChunk]:
-        yield TokenChunk((), "stop")
+        yield TokenChunk((3, 4))
+        yield TokenChunk((5,), "length")
 
 
 def _request(prompt: tuple[int, ...] = (1, 2), **sampling: object) -> GenerationRequest:
@@ -57,3 +58,16 @@ async def test_validate() -> None:
         assert type(info.value) is error and info.value.param == param
     await backend.shutdown()
     await backend.shutdown()  # idempotent
+
+
+async def test_token_counters() -> None:
+    backend = _Backend(BackendConfig(model_dir="."))
+    await backend.startup()
+    assert (backend.prompt_tokens, backend.generated_tokens) == (0, 0)
+    for _ in range(2):
+        assert [c.token_ids async for c in backend.generate(_request((1, 2, 3)))] == [(3, 4), (5,)]
+    assert (backend.prompt_tokens, backend.generated_tokens) == (6, 6)
+    with pytest.raises(PromptTooLongError):  # refused requests count nothing
+        [c async for c in backend.generate(_request(tuple(range(8))))]
+    assert (backend.prompt_tokens, backend.generated_tokens) == (6, 6)
+    await backend.shutdown()

@@ -183,6 +183,11 @@ def test_metrics_after_requests(server: Server) -> None:
     assert _value(after, "flashtts_active_streams") == 0
     assert _value(after, "flashtts_backend_running") == 0
     assert _value(after, "flashtts_ready") == 1
+    generated = _value(after, "flashtts_llm_generated_tokens_total") - _value(
+        before, "flashtts_llm_generated_tokens_total"
+    )
+    assert generated > 0
+    assert _value(after, "flashtts_llm_prompt_tokens_total") > _value(before, "flashtts_llm_prompt_tokens_total")
     assert not any("unmatched" not in str(k) and "/no/such" in str(k) for k in after)  # no raw paths as labels
 
 
