@@ -38,6 +38,9 @@ class ServerSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     batch_size: Annotated[int, Meta(ge=1)] = 1
     llm_batch_size: Annotated[int, Meta(ge=1)] = 8
     wait_timeout: Annotated[float, Meta(ge=0.0)] = 0.01
+    # CPU threads for model work (LLM + audio codec). None: the CPUs this process may use. When the LLM and the
+    # codec both run on the CPU they split it (runtime.cpu_thread_split) instead of oversubscribing it.
+    cpu_threads: Annotated[int, Meta(ge=1, le=4096)] | None = None
     backend_options: dict[str, Any] = {}
     engine_options: dict[str, Any] = {}
     # --- server ---------------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ _ATTN = ("eager", "sdpa", "flash_attention_2")
 _MODEL_KEYS = (
     "model_path", "backend", "engine", "lang", "snac_path", "llm_device", "tokenizer_device", "detokenizer_device",
     "wav2vec_attn_implementation", "llm_attn_implementation", "max_length", "llm_gpu_memory_utilization",
-    "torch_dtype", "cache_implementation", "seed", "batch_size", "llm_batch_size", "wait_timeout",
+    "torch_dtype", "cache_implementation", "seed", "batch_size", "llm_batch_size", "wait_timeout", "cpu_threads",
 )  # fmt: skip
 
 
@@ -39,6 +39,12 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--batch_size", type=int, default=1, help="dynamic batch size of audio tokenizer/detokenizer")
     g.add_argument("--llm_batch_size", type=int, default=8, help="max concurrent LLM sequences")
     g.add_argument("--wait_timeout", type=float, default=0.01, help="dynamic batching gather time (s)")
+    g.add_argument(
+        "--cpu_threads",
+        type=int,
+        default=None,
+        help="CPU threads for model work; an LLM and a codec both on the CPU split them (default: all CPUs)",
+    )
     g.add_argument(
         "--backend_option",
         action="append",

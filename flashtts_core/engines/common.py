@@ -19,6 +19,7 @@ __all__ = (
     "resolve_device",
     "retry_seed",
     "segment_concurrency",
+    "set_torch_threads",
     "token_budget_error",
 )
 
@@ -34,6 +35,20 @@ def resolve_device(device: str) -> str:
     import torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def set_torch_threads(threads: int | None) -> None:
+    """Limit torch's intra-op threads for work in the calling thread (``None``: leave them).
+
+    With torch's OpenMP builds the count is per thread, so an engine calls this at the top of every function it
+    runs in a worker thread (codec batches); it costs microseconds. (torch also makes it the default of threads
+    that start later, which is harmless here.)"""
+    if threads is None:
+        return
+    import torch
+
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
 
 
 def retry_seed(seed: int | None, attempt: int) -> int | None:

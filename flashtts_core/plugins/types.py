@@ -119,6 +119,9 @@ class BackendConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     max_batch_size: Annotated[int, Meta(ge=1)] = 8  # --llm_batch_size
     gpu_memory_utilization: Annotated[float, Meta(gt=0.0, le=1.0)] = 0.6
     attn_implementation: str | None = None  # --llm_attn_implementation
+    # Threads the runtime may use for its CPU work; None: the backend's own default. A backend option of its own
+    # (e.g. num_threads) wins over this.
+    cpu_threads: Annotated[int, Meta(ge=1)] | None = None
     options: dict[str, Any] = {}  # --backend_option key=value
 
 
@@ -203,4 +206,5 @@ class EngineConfig(msgspec.Struct, frozen=True, kw_only=True):
     batch_size: Annotated[int, Meta(ge=1)] = 1  # dynamic batch size of codec work
     wait_timeout: Annotated[float, Meta(ge=0.0)] = 0.01  # dynamic batch gather time (s)
     state_dir: str | None = None  # where an engine may persist small state (e.g. pinned voices)
+    cpu_threads: Annotated[int, Meta(ge=1)] | None = None  # intra-op threads of codec work on the CPU (None: torch's)
     options: dict[str, Any] = {}  # engine-specific (validated by the engine's ``Options`` Struct)

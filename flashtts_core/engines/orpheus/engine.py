@@ -48,6 +48,7 @@ from flashtts_core.engines.common import (
     resolve_device,
     retry_seed,
     segment_concurrency,
+    set_torch_threads,
     token_budget_error,
 )
 from flashtts_core.engines.orpheus.languages import LANG_MAP, LanguageSpec, resolve_language
@@ -268,6 +269,7 @@ class OrpheusEngine(EngineBase):
         snac = self._snac
         if snac is None:
             raise BackendNotReadyError("the orpheus engine is shut down")
+        set_torch_threads(self.config.cpu_threads)
         audio = snac.decode([frames for frames, _, _ in items])
         return [a[start:end] for a, (_, start, end) in zip(audio, items, strict=True)]
 

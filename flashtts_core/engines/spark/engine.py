@@ -55,6 +55,7 @@ from flashtts_core.engines.common import (
     resolve_device,
     retry_seed,
     segment_concurrency,
+    set_torch_threads,
     token_budget_error,
 )
 from flashtts_core.engines.spark.streaming import (
@@ -270,6 +271,7 @@ class SparkEngine(EngineBase):
         encoder = self._encoder
         if encoder is None:
             raise BackendNotReadyError("the spark engine is shut down")
+        set_torch_threads(self.config.cpu_threads)
         global_ids, semantic_ids = encoder.tokenize(waves)
         return list(zip(global_ids, semantic_ids, strict=True))
 
@@ -277,6 +279,7 @@ class SparkEngine(EngineBase):
         decoder = self._decoder
         if decoder is None:
             raise BackendNotReadyError("the spark engine is shut down")
+        set_torch_threads(self.config.cpu_threads)
         return decoder.detokenize([g for g, _ in items], [s for _, s in items])
 
     def _samples_per_token(self) -> int:

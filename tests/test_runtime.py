@@ -1,0 +1,55 @@
+"""runtime: how the CPU is shared between the LLM backend and the engine's codec work."""
+
+from __future__ import annotations
+
+import threading
+
+import msgspec
+import pytest
+
+from flashtts_core.config import ServerSettings
+from flashtts_core.engines.common import set_torch_threads
+from flashtts_core.runtime import available_cpus, cpu_thread_split
+
+
+@pytest.mark.parametrize(
+    ("total", "expected"),
+    [(1, (1, 1)), (2, (1, 1)), (3, (2, 1)), (4, (2, 2)), (16, (8, 8))],
+)
+def test_split_when_both_on_cpu(total: int, expected: tuple[int, int]) -> None:
+    settings = ServerSettings(cpu_threads=total, llm_device="cpu", tokenizer_device="cpu", detokenizer_device="cpu")
+    assert cpu_thread_split(settings) == expected
+
+
+def test_default_budget_is_the_affinity_mask() -> None:
+    settings = ServerSettings(llm_device="cpu", tokenizer_device="cpu", detokenizer_device="cpu")
+    llm, codec = cpu_thread_split(settings)
+    assert llm is not None and codec is not None
+    assert llm + codec == max(2, available_cpus())
+
+
+def test_only_one_side_on_cpu() -> None:
+    gpu_llm = ServerSettings(llm_device="cuda", tokenizer_device="cpu", detokenizer_device="cpu")
+    assert cpu_thread_split(gpu_llm) == (None, None)  # nothing to share: runtime defaults
+    assert cpu_thread_split(msgspec.structs.replace(gpu_llm, cpu_threads=6)) == (None, 6)
+    gpu_codec = ServerSettings(llm_device="cpu", tokenizer_device="cuda", detokenizer_device="cuda:1")
+    assert cpu_thread_split(msgspec.structs.replace(gpu_codec, cpu_threads=3)) == (3, None)
+
+
+def test_set_torch_threads_is_per_thread() -> None:
+    torch = pytest.importorskip("torch")
+    before = torch.get_num_threads()
+    seen: list[int] = []
+
+    def worker() -> None:
+        set_torch_threads(1)
+        seen.append(torch.get_num_threads())
+        set_torch_threads(None)  # leaves it
+        seen.append(torch.get_num_threads())
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    thread.join()
+    assert seen == [1, 1]
+    if "OpenMP" in torch.__config__.parallel_info():  # per-thread counts; other builds share one
+        assert torch.get_num_threads() == before
