@@ -26,8 +26,9 @@ Random weights give meaningless token streams, so the two token-level models are
   only rescales them) and the ``out_proj`` row of each successor is a multiple of its predecessor's direction.
   Greedy decoding then writes ``798`` → :data:`ALIGNER_SCRIPT` (phone, end-frame pairs) → ``799`` for any audio.
 
-The duration LM's head is biased towards code 4 (3 frames) so utterances stay short; the DiT and WaveVAE are plain
-random. The role helper writes a 1 s 24 kHz wav with a random ``(1, 39, 32)`` latent (the frames the padded clip
+The duration LM's head is biased towards code 4 (3 frames) so utterances stay short, and its file also holds the
+``char_empty_embed`` table upstream always saves (attention without biases, as upstream); the DiT and WaveVAE are
+plain random. The role helper writes a 1 s 24 kHz wav with a random ``(1, 39, 32)`` latent (the frames the padded clip
 needs).
 """
 
@@ -78,11 +79,13 @@ def _yaml(path: Path, data: dict[str, Any]) -> None:
     path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
 
 
-def _save_ckpt(path: Path, sub: str, module: Any) -> None:
+def _save_ckpt(path: Path, sub: str, module: Any, extra: dict[str, Any] | None = None) -> None:
+    """``torch.save({'state_dict': {sub: module's state dict + extra}})`` (``extra``: tensors upstream also saves)."""
     import torch
 
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().clone().contiguous() for k, v in module.state_dict().items()}
+    state.update(extra or {})
     torch.save({"state_dict": {sub: state}}, path)
 
 
@@ -237,7 +240,9 @@ def build_tiny_mega(out_dir: Path | str, *, seed: int = 0) -> Path:
             "dur_num_heads": 8,
         },
     )
-    _save_ckpt(out / "duration_lm" / "model_only_last.ckpt", "dur_model", duration)
+    # Upstream always creates ``char_empty_embed`` (unused at inference), so every real file holds it.
+    unused = {"char_empty_embed.weight": torch.randn(1, dur_dims.txt_hidden, generator=generator)}
+    _save_ckpt(out / "duration_lm" / "model_only_last.ckpt", "dur_model", duration, unused)
 
     vae = MegaWaveVAEDecoder(MegaWaveVAEDims(latent_hidden=32, upsampler_out=16, first_channels=64, ngf=4))
     _randomise(vae, generator)
@@ -268,7 +273,9 @@ def build_tiny_mega(out_dir: Path | str, *, seed: int = 0) -> Path:
 
 def tiny_mega_dir(*, seed: int = 0) -> Path:
     """Return a cached :func:`build_tiny_mega` folder (built on first use, a few seconds; see :mod:`.cache`)."""
-    return cached_build("mega-checkpoint", {"seed": seed}, lambda path: build_tiny_mega(path, seed=seed))
+    # ``layout`` names the builder's output format: bump it whenever the files change for the same seed.
+    params = {"seed": seed, "layout": 2}
+    return cached_build("mega-checkpoint", params, lambda path: build_tiny_mega(path, seed=seed))
 
 
 def _tiny_wav(seconds: float, seed: int) -> np.ndarray:

@@ -398,9 +398,12 @@ def infer_wavvae_dims(shapes: Shapes, config: MegaGlobalConfig) -> MegaWaveVAEDi
 class MegaDurationDims(msgspec.Struct, frozen=True, kw_only=True):
     """The autoregressive duration LM ``ar_dur`` (C.2.3): flags from ``duration_lm/config.yaml``, sizes from shapes.
 
-    The state-dict layout of this model is not documented (models.md §C.2.3 lists only the config keys); the names
-    used here are our reading of the described module tree, and every optional tensor (biases, char encoder) is
-    derived from the key set, so the strict loader reports exactly what differs from a real file.
+    The state-dict layout is not in models.md (§C.2.3 lists only the config keys). The names used here were checked
+    against the public MegaTTS3 source (``tts/modules/ar_dur``: ``CodePredictor``/``ARDurPredictor``,
+    ``RotTransformerDecoderLayer`` → ``op`` = ``RotDecSALayer``, fairseq-style ``MultiheadAttention`` built with
+    ``bias=False``, ``TransformerFFNLayer`` with ``padding='LEFT'``); every optional tensor (FFN biases from
+    ``lm_bias``, the char encoder) is still derived from the key set, so the strict loader reports exactly what
+    differs from a real file.
     """
 
     phone_vocab: int = 174  # 171 phones + 3 reserved
@@ -415,8 +418,8 @@ class MegaDurationDims(msgspec.Struct, frozen=True, kw_only=True):
     code_size: int = 128  # dur_code_size: duration codes 0..code_size (code_size + 1 classes), BOS = code_size + 1
     ling_labels: tuple[str, ...] = ("tone",)
     ling_vocab: tuple[int, ...] = (35,)  # ling_label_dict_size + 3
-    attn_in_bias: bool = False
-    attn_out_bias: bool = True
+    attn_in_bias: bool = False  # upstream builds the decoder attention without biases (``in_proj_bias`` None)
+    attn_out_bias: bool = False  # ... and its ``out_proj`` without bias
     ffn_bias: bool = True
     use_rot_embed: bool = True
     use_pos_embed: bool = False
@@ -505,16 +508,24 @@ def infer_duration_dims(
         ling_labels=labels,
         ling_vocab=ling_vocab,
         attn_in_bias="layers.0.op.self_attn.in_proj_bias" in shapes,
-        attn_out_bias="layers.0.op.self_attn.out_proj.bias" in shapes if shapes else True,
+        attn_out_bias="layers.0.op.self_attn.out_proj.bias" in shapes,
         ffn_bias=f"{ffn_prefix}ffn_2.bias" in shapes if shapes else True,
         use_rot_embed=use_rot,
         use_pos_embed=flag("use_pos_embed", base.use_pos_embed),
         use_post_ln=flag("use_post_ln", base.use_post_ln),
         lm_use_enc=lm_use_enc,
         use_ph_pos_embed=flag("use_ph_pos_embed", base.use_ph_pos_embed),
-        # The char encoder is unused at inference; follow the file (the YAML default is true even when absent).
-        mega_use_char="char_encoder.weight" in shapes if shapes else flag("mega_use_char", base.mega_use_char),
-        char_vocab=_dim(shapes, "char_encoder.weight", 0, _value(cfg, "char_dict_size", int, 4000, source=source)),
+        # The char encoder is unused at inference; follow the file (the YAML default is true even when absent). It is an
+        # Embedding (``char_encoder.weight``), or a RelTransformer (``char_encoder.emb.weight``, ...) with lm_use_enc.
+        mega_use_char=any(k.startswith("char_encoder.") for k in shapes)
+        if shapes
+        else flag("mega_use_char", base.mega_use_char),
+        char_vocab=_dim(
+            shapes,
+            "char_encoder.emb.weight" if lm_use_enc else "char_encoder.weight",
+            0,
+            _value(cfg, "char_dict_size", int, 4000, source=source),
+        ),
         regression=model_type == "ar_mse",
         infer_top_k=top_k,
         infer_temperature=_value(cfg, "infer_temperature", float, 1.0, source=source),

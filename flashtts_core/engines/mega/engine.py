@@ -22,6 +22,17 @@ Request ``options``: ``time_step`` (32), ``p_w`` (1.6), ``t_w`` (2.5), ``dur_dis
 engine-wide defaults come from ``--engine_option``. Noise (DiT and duration jitter) is seeded from the request's
 ``seed`` or the engine's, so a request is reproducible.
 
+Concurrency: all model work goes through one :class:`~flashtts_core.batching.DynamicBatcher` (``--batch_size``,
+``--wait_timeout``, as the Spark codec). In a batch, every segment's durations are planned first and then the DiT
+samples all of them as one right-padded, key-masked batch (one per distinct ``time_step``), so concurrent requests
+share each DiT step; an item's latent equals its solo latent up to float rounding, and an item that fails (or a
+batch that fails, whose items are then re-run alone) fails only its own request.
+
+Precision: engine option ``dtype`` (``auto``: ``--torch_dtype``; both ``auto``: float16 on CUDA, as the original's
+autocast, float32 elsewhere). The aligner, duration LM, DiT and WaveVAE are stored in that dtype and run under
+autocast to it; the flow-matching state, CFG mix, noise, RoPE/LayerNorm/softmax, spectrograms and loudness stay
+float32.
+
 Heavy imports (torch and the models) happen in :meth:`MegaEngine.startup`, so importing this module stays cheap.
 """
 
@@ -33,17 +44,18 @@ import hashlib
 import importlib.util
 import json
 import logging
+from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, ClassVar
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
 
 import anyio.to_thread
 import msgspec
 from msgspec import Meta
 
 from flashtts_core.batching import DynamicBatcher
-from flashtts_core.engines.common import build_sampling, resolve_device, segment_concurrency
+from flashtts_core.engines.common import build_sampling, resolve_device, segment_concurrency, set_torch_threads
 from flashtts_core.engines.mega.config import COMPONENT_DIRS, LATENT_FRAME_SAMPLES, SAMPLE_RATE
 from flashtts_core.errors import (
     BackendNotReadyError,
@@ -69,11 +81,13 @@ from flashtts_core.text import split_text
 
 if TYPE_CHECKING:
     import numpy as np
+    import torch
     from tokenizers import Tokenizer
 
     from flashtts_core.engines.mega.frontend import ReferenceVoice
     from flashtts_core.engines.mega.g2p import MegaG2PTokens
     from flashtts_core.engines.mega.loading import MegaModels
+    from flashtts_core.engines.mega.modeling_dit import DiTSample
     from flashtts_core.engines.mega.synthesis import MegaSynthesisOptions, PreparedPrompt
 
 __all__ = ("G2P_MAX_TOKENS", "STREAM_WINDOWS", "MegaEngine", "MegaOptions", "MegaRequestOptions")
@@ -93,16 +107,20 @@ _FINGERPRINT_SAMPLE = 1 << 20
 _BAD_PROMPT = "the voice prompt is not a valid MegaTTS3 prompt; re-add the voice (audio + latent_file)"
 
 Positive = Annotated[float, Meta(ge=0.0, le=20.0)]
+ModelDtype = Literal["auto", "float32", "float16", "bfloat16"]
 
 
 class MegaOptions(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    """``--engine_option`` settings of the MegaTTS3 engine: the defaults of the request options."""
+    """``--engine_option`` settings of the MegaTTS3 engine: the defaults of the request options, and the dtype of
+    the in-process models (``auto``: follow ``--torch_dtype``; when that is ``auto`` too, float16 on CUDA, float32
+    elsewhere)."""
 
     time_step: Annotated[int, Meta(ge=1, le=200)] = 32  # DiT sampling steps
     p_w: Positive = 1.6  # text guidance weight ("intelligibility")
     t_w: Positive = 2.5  # speaker guidance weight ("similarity")
     dur_disturb: Annotated[float, Meta(ge=0.0, le=1.0)] = 0.1  # random duration jitter
     dur_alpha: Annotated[float, Meta(gt=0.0, le=10.0)] = 1.0  # duration scale (> 1: slower)
+    dtype: ModelDtype = "auto"  # aligner, duration LM, DiT and WaveVAE
 
 
 class MegaRequestOptions(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -177,6 +195,13 @@ class _DecodeJob:
 _Job = _AlignJob | _AcousticJob | _DecodeJob
 
 
+@dataclass
+class _Failure:
+    """The error of one item of a batch (re-raised to that item's submitter only)."""
+
+    error: Exception
+
+
 class MegaEngine(EngineBase):
     """MegaTTS3 (``g2p/`` on any backend; aligner, duration LM, DiT and WaveVAE decoder in-process)."""
 
@@ -191,7 +216,8 @@ class MegaEngine(EngineBase):
         self._tokenizer: Tokenizer | None = None
         self._batcher: DynamicBatcher[_Job, Any] | None = None
         self._fingerprint: str | None = None
-        self._autocast: Any = None  # torch dtype for autocast on the model device, or None (fp32)
+        #: DiT sampling runs, keyed by the number of segments sampled together (observability and tests).
+        self.dit_batch_sizes: Counter[int] = Counter()
 
     # --- discovery -----------------------------------------------------------------------------------------------
 
@@ -225,26 +251,40 @@ class MegaEngine(EngineBase):
         tokenizer, tokens = await anyio.to_thread.run_sync(self._load_tokenizer, model_dir / "g2p")
         aligner_device = resolve_device(self.config.device)
         device = resolve_device(self.config.detokenizer_device)
+        aligner_dtype, dtype = self.model_dtype(aligner_device), self.model_dtype(device)
         models = await anyio.to_thread.run_sync(
-            lambda: load_mega_models(model_dir, aligner_device=aligner_device, device=device)
+            lambda: load_mega_models(
+                model_dir, aligner_device=aligner_device, device=device, aligner_dtype=aligner_dtype, dtype=dtype
+            )
         )
-        self._autocast = self._autocast_dtype(device)
         self._tokenizer, self.tokens, self.models = tokenizer, tokens, models
         self._fingerprint = await anyio.to_thread.run_sync(self._compute_fingerprint)
         self._batcher = DynamicBatcher(
-            self._run_jobs, max_batch_size=self.config.batch_size, wait_timeout=0.0, name="mega-models"
+            self._run_jobs,
+            max_batch_size=self.config.batch_size,
+            wait_timeout=self.config.wait_timeout,
+            name="mega-models",
         )
-        logger.info("mega engine ready (aligner on %s, DiT/duration/WaveVAE on %s)", aligner_device, device)
+        logger.info(
+            "mega engine ready (aligner on %s in %s, DiT/duration/WaveVAE on %s in %s; batches of up to %d)",
+            aligner_device,
+            aligner_dtype,
+            device,
+            dtype,
+            self.config.batch_size,
+        )
         await super().startup()
 
-    def _autocast_dtype(self, device: str) -> Any:
+    def model_dtype(self, device: str) -> torch.dtype:
+        """The dtype of the models on ``device``: the ``dtype`` option, else ``--torch_dtype``; ``auto`` for both
+        means float16 on CUDA (the original's autocast; FlashTTS saw numerics problems with bf16) and float32
+        elsewhere."""
         import torch
 
-        dtype = self.config.dtype
-        if dtype == "auto":
-            # FlashTTS ran MegaTTS3 in fp16 on CUDA (bf16 had numerics problems) and fp32 elsewhere.
-            return torch.float16 if device.startswith("cuda") else None
-        return {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": None}[dtype]
+        name = self.options.dtype if self.options.dtype != "auto" else self.config.dtype
+        if name == "auto":
+            return torch.float16 if device.startswith("cuda") else torch.float32
+        return {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[name]
 
     @staticmethod
     def _load_tokenizer(g2p_dir: Path) -> tuple[Tokenizer, MegaG2PTokens]:
@@ -325,40 +365,112 @@ class MegaEngine(EngineBase):
 
     # --- model thread ----------------------------------------------------------------------------------------------
 
-    def _run_jobs(self, jobs: list[_Job]) -> list[Any]:
-        """Run queued model work one item at a time (the DiT has no padding masks, so items are not batched)."""
-        return [self._run_job(job) for job in jobs]
-
-    def _run_job(self, job: _Job) -> Any:
-        from flashtts_core.engines.mega.frontend import prepare_reference
-        from flashtts_core.engines.mega.synthesis import decode_window, generate_segment_latent, prepare_prompt
-
+    def _models(self) -> MegaModels:
         models = self.models
         if models is None:
             raise BackendNotReadyError("the mega engine is shut down")
+        return models
+
+    def _run_jobs(self, jobs: list[_Job]) -> list[Any]:
+        """Run one batch of queued model work (in the batcher's worker thread).
+
+        Acoustic jobs are planned one by one (duration LM, cheap) and then sampled by the DiT *together*
+        (:meth:`_sample`); alignment and decode jobs run one at a time. Each item gets its result or a
+        :class:`_Failure` holding its own error, so one bad item never fails the others.
+        """
+        set_torch_threads(self.config.cpu_threads)
+        results: list[Any] = [None] * len(jobs)
+        planned: list[tuple[int, DiTSample]] = []
+        for i, job in enumerate(jobs):
+            try:
+                if isinstance(job, _AcousticJob):
+                    planned.append((i, self._plan(job)))
+                else:
+                    results[i] = self._run_job(job)
+            except Exception as exc:
+                results[i] = _Failure(exc)
+        if planned:
+            for (i, _), result in zip(planned, self._sample([sample for _, sample in planned]), strict=True):
+                results[i] = result
+        return results
+
+    def _run_job(self, job: _AlignJob | _DecodeJob) -> Any:
+        from flashtts_core.engines.mega.frontend import prepare_reference
+        from flashtts_core.engines.mega.synthesis import decode_window
+
+        models = self._models()
         if isinstance(job, _AlignJob):
             return prepare_reference(models, job.wav, job.latent)
-        if isinstance(job, _AcousticJob):
-            if job.voice.prepared is None:
-                job.voice.prepared = prepare_prompt(models, job.voice.voice)
-            return generate_segment_latent(
-                models,
-                job.voice.prepared,
-                job.phones,
-                job.tones,
-                is_first=job.is_first,
-                is_final=job.is_final,
-                options=job.options,
-                seed=job.seed,
-                autocast_dtype=self._autocast,
-            )
-        return decode_window(models, job.latent, job.start, job.end, context=job.context, autocast_dtype=self._autocast)
+        return decode_window(models, job.latent, job.start, job.end, context=job.context)
+
+    def _plan(self, job: _AcousticJob) -> DiTSample:
+        """The DiT input of one segment (the request's duration-LM prompt state is made on first use)."""
+        from flashtts_core.engines.mega.synthesis import plan_segment, prepare_prompt
+
+        models = self._models()
+        if job.voice.prepared is None:
+            job.voice.prepared = prepare_prompt(models, job.voice.voice)
+        return plan_segment(
+            models,
+            job.voice.prepared,
+            job.phones,
+            job.tones,
+            is_first=job.is_first,
+            is_final=job.is_final,
+            options=job.options,
+            seed=job.seed,
+        )
+
+    def _sample(self, samples: list[DiTSample]) -> list[Any]:
+        """Latents of planned segments: one DiT batch for the valid ones (per step count); when that batch fails,
+        each item is re-run alone from its generator's saved state, so only the culprit fails."""
+        from flashtts_core.engines.mega.synthesis import sample_latents
+
+        models = self._models()
+        out: list[Any] = [None] * len(samples)
+        good: list[int] = []
+        for k, sample in enumerate(samples):
+            try:
+                sample.check(models.dit)
+            except ValueError as exc:
+                out[k] = _Failure(exc)
+            else:
+                good.append(k)
+        if not good:
+            return out
+        states = {k: samples[k].generator.get_state() for k in good if samples[k].generator is not None}
+        try:
+            latents = sample_latents(models, [samples[k] for k in good])
+        except Exception as exc:
+            if len(good) == 1:
+                out[good[0]] = _Failure(exc)
+                return out
+            logger.warning("mega: a DiT batch of %d failed (%s); sampling its items one by one", len(good), exc)
+            for k in good:
+                generator = samples[k].generator
+                if generator is not None:
+                    generator.set_state(states[k])
+                try:
+                    (out[k],) = sample_latents(models, [samples[k]])
+                except Exception as item_exc:
+                    out[k] = _Failure(item_exc)
+                else:
+                    self.dit_batch_sizes[1] += 1
+            return out
+        for k, latent in zip(good, latents, strict=True):
+            out[k] = latent
+        for size in Counter(samples[k].steps for k in good).values():
+            self.dit_batch_sizes[size] += 1
+        return out
 
     async def _submit(self, job: _Job, *, priority: int = 1) -> Any:
         batcher = self._batcher
         if batcher is None:
             raise BackendNotReadyError("the mega engine is shut down")
-        return await batcher.submit(job, priority=priority)
+        result = await batcher.submit(job, priority=priority)
+        if isinstance(result, _Failure):
+            raise result.error
+        return result
 
     # --- voices --------------------------------------------------------------------------------------------------
 

@@ -382,6 +382,7 @@ def prepare_reference(models: MegaModels, wav: np.ndarray, latent: np.ndarray) -
     """Align a 24 kHz reference and pair it with its latent (blocking; runs the aligner). See the module docstring."""
     from flashtts_core.audio.resample import resample
     from flashtts_core.engines.mega.modeling_aligner import WHISPER_SAMPLE_RATE, whisper_log_mel
+    from flashtts_core.engines.mega.modeling_dit import autocast_like
 
     config = models.config
     fm = config.frames_multiple
@@ -405,7 +406,8 @@ def prepare_reference(models: MegaModels, wav: np.ndarray, latent: np.ndarray) -
         )
     if frames < fm:
         raise AudioDecodeError("the reference audio is too short for the aligner; send at least 1 second")
-    tokens = models.aligner.align_tokens(mel[..., :frames])
+    with autocast_like(models.aligner):  # the mel stays float32; the aligner runs in its stored dtype
+        tokens = models.aligner.align_tokens(mel[..., :frames])
     merged, ends, dropped = parse_alignment(tokens)
     if dropped:
         logger.warning("aligner: dropped %d malformed token(s) of %d", dropped, len(tokens))

@@ -38,7 +38,7 @@ from flashtts_core.engines.mega.config import (
 )
 from flashtts_core.engines.mega.modeling_aligner import MegaAligner
 from flashtts_core.engines.mega.modeling_dit import MegaDiT
-from flashtts_core.engines.mega.modeling_dur import MegaDurationLM, duration_unused_shapes
+from flashtts_core.engines.mega.modeling_dur import MegaDurationLM, duration_unused_prefixes, duration_unused_shapes
 from flashtts_core.engines.mega.modeling_wavvae import MegaWaveVAEDecoder
 from flashtts_core.errors import CheckpointError
 from flashtts_core.models.loading import load_state_dict_strict
@@ -134,34 +134,49 @@ def _shapes(state: Mapping[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in state.items()}
 
 
-def _finish(module: torch.nn.Module, device: str | torch.device) -> None:
-    module.eval().requires_grad_(False).to(device=device, dtype=torch.float32)
+def _finish(module: torch.nn.Module, device: str | torch.device, dtype: torch.dtype) -> None:
+    """Inference mode, no gradients, on ``device`` with floating-point tensors in ``dtype``."""
+    module.eval().requires_grad_(False).to(device=device, dtype=dtype)
 
 
-def load_aligner(component_dir: str | os.PathLike[str], config: MegaGlobalConfig, device: str = "cpu") -> MegaAligner:
+def load_aligner(
+    component_dir: str | os.PathLike[str],
+    config: MegaGlobalConfig,
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> MegaAligner:
     path = find_checkpoint(component_dir)
     state = read_mega_checkpoint(path, CHECKPOINT_FILES["aligner_lm"][1])
     dims = infer_aligner_dims(_shapes(state), heads=config.aligner_heads)
     with torch.device("meta"):
         model = MegaAligner(dims)
     load_state_dict_strict(model, state, source=path, assign=True)
-    _finish(model, device)
+    _finish(model, device, dtype)
     return model
 
 
-def load_dit(component_dir: str | os.PathLike[str], config: MegaGlobalConfig, device: str = "cpu") -> MegaDiT:
+def load_dit(
+    component_dir: str | os.PathLike[str],
+    config: MegaGlobalConfig,
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> MegaDiT:
     path = find_checkpoint(component_dir)
     state = read_mega_checkpoint(path, CHECKPOINT_FILES["diffusion_transformer"][1])
     dims = infer_dit_dims(_shapes(state), heads=config.dit_heads)
     with torch.device("meta"):
         model = MegaDiT(dims)
     load_state_dict_strict(model, state, source=path, assign=True)
-    _finish(model, device)
+    _finish(model, device, dtype)
     return model
 
 
 def load_duration_lm(
-    component_dir: str | os.PathLike[str], config: MegaGlobalConfig, yaml_config: Mapping[str, Any], device: str = "cpu"
+    component_dir: str | os.PathLike[str],
+    config: MegaGlobalConfig,
+    yaml_config: Mapping[str, Any],
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
 ) -> MegaDurationLM:
     path = find_checkpoint(component_dir)
     state = read_mega_checkpoint(path, CHECKPOINT_FILES["duration_lm"][1])
@@ -172,13 +187,23 @@ def load_duration_lm(
     text_encoder = infer_rel_encoder_dims(shapes, "encoder.") if dims.lm_use_enc else None
     with torch.device("meta"):
         model = MegaDurationLM(dims, text_encoder)
-    load_state_dict_strict(model, state, source=path, unused=duration_unused_shapes(dims), assign=True)
-    _finish(model, device)
+    load_state_dict_strict(
+        model,
+        state,
+        source=path,
+        unused=duration_unused_shapes(dims),
+        allowed_extra_prefixes=duration_unused_prefixes(dims),
+        assign=True,
+    )
+    _finish(model, device, dtype)
     return model
 
 
 def load_wavvae_decoder(
-    component_dir: str | os.PathLike[str], config: MegaGlobalConfig, device: str = "cpu"
+    component_dir: str | os.PathLike[str],
+    config: MegaGlobalConfig,
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
 ) -> MegaWaveVAEDecoder:
     path = find_checkpoint(component_dir)
     state = read_mega_checkpoint(path, CHECKPOINT_FILES["wavvae"][1])
@@ -193,8 +218,8 @@ def load_wavvae_decoder(
     with torch.device("meta"):
         model = MegaWaveVAEDecoder(dims)
     load_state_dict_strict(model, state, source=path, allowed_extra_prefixes=WAVVAE_ENCODER_PREFIXES, assign=True)
-    model.fold_weight_norm()
-    _finish(model, device)
+    model.fold_weight_norm()  # in float32, before any cast
+    _finish(model, device, dtype)
     return model
 
 
@@ -224,18 +249,35 @@ class MegaModels:
 
 
 def load_mega_models(
-    model_dir: str | os.PathLike[str], *, aligner_device: str = "cpu", device: str = "cpu"
+    model_dir: str | os.PathLike[str],
+    *,
+    aligner_device: str = "cpu",
+    device: str = "cpu",
+    aligner_dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype = torch.float32,
 ) -> MegaModels:
-    """Load aligner (on ``aligner_device``), DiT, duration LM and WaveVAE decoder (on ``device``), strictly, fp32."""
+    """Load the aligner (on ``aligner_device`` in ``aligner_dtype``) and the DiT, duration LM and WaveVAE decoder (on
+    ``device`` in ``dtype``), strictly.
+
+    A half ``dtype`` stores the weights in it; the model code then runs them under autocast to that dtype (see
+    :func:`.modeling_dit.autocast_like`), which keeps norms, softmax and the sampler state in float32.
+    """
     root = Path(model_dir)
     config, dur_yaml = load_global_config(root)
     models = MegaModels(
         config=config,
-        aligner=load_aligner(root / "aligner_lm", config, aligner_device),
-        dit=load_dit(root / "diffusion_transformer", config, device),
-        duration=load_duration_lm(root / "duration_lm", config, dur_yaml, device),
-        wavvae=load_wavvae_decoder(root / "wavvae", config, device),
+        aligner=load_aligner(root / "aligner_lm", config, aligner_device, aligner_dtype),
+        dit=load_dit(root / "diffusion_transformer", config, device, dtype),
+        duration=load_duration_lm(root / "duration_lm", config, dur_yaml, device, dtype),
+        wavvae=load_wavvae_decoder(root / "wavvae", config, device, dtype),
     )
     models.check()
-    logger.info("loaded the MegaTTS3 models from %s (aligner on %s, the rest on %s)", root, aligner_device, device)
+    logger.info(
+        "loaded the MegaTTS3 models from %s (aligner on %s in %s, the rest on %s in %s)",
+        root,
+        aligner_device,
+        aligner_dtype,
+        device,
+        dtype,
+    )
     return models

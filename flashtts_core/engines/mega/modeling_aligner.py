@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from flashtts_core.engines.mega.config import ALIGNER_END, ALIGNER_START, MegaAlignerDims
+from flashtts_core.engines.mega.modeling_dit import MegaFloat32LayerNorm
 from flashtts_core.engines.spark.modeling_bicodec import slaney_mel_filterbank
 
 __all__ = (
@@ -72,11 +73,8 @@ def whisper_log_mel(audio: np.ndarray, n_mels: int = 80) -> Tensor:
     return ((log_spec + 4.0) / 4.0).unsqueeze(0)
 
 
-class MegaAlignerLayerNorm(nn.LayerNorm):
+class MegaAlignerLayerNorm(MegaFloat32LayerNorm):
     """LayerNorm computed in fp32 whatever the activation dtype (as the original)."""
-
-    def forward(self, x: Tensor) -> Tensor:
-        return super().forward(x.float()).to(x.dtype)
 
 
 class MegaAlignerAttention(nn.Module):

@@ -15,8 +15,11 @@ the checkpoint; nothing here is persistent besides the parameters (RoPE tables a
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +28,7 @@ from torch import Tensor, nn
 from flashtts_core.engines.mega.config import CFG_PHONE, CFG_TONE, MegaDiTDims
 
 __all__ = (
+    "DiTSample",
     "MegaAdaLayerNormOut",
     "MegaAdaLayerNormZero",
     "MegaChannelLayerNorm",
@@ -34,11 +38,14 @@ __all__ = (
     "MegaDiTBackbone",
     "MegaDiTBlock",
     "MegaDiTFeedForward",
+    "MegaFloat32LayerNorm",
     "MegaRelAttention",
     "MegaRelFFN",
     "MegaRelTransformerEncoder",
     "MegaTimestepEmbedding",
     "amo_sample",
+    "amo_sample_batch",
+    "autocast_like",
     "sinusoidal_embedding",
     "sway_schedule",
 )
@@ -49,6 +56,19 @@ _CHANNEL_LN_EPS = 1e-4  # RelTransformer channel LayerNorm (E.6)
 _DIT_LN_EPS = 1e-6  # AdaLN LayerNorm without affine (E.6)
 _ROPE_THETA = 10000.0
 _MASK_FILL = -1e4  # masked attention logits in the text encoder (fp16-safe)
+
+
+def autocast_like(module: nn.Module) -> contextlib.AbstractContextManager[object]:
+    """Autocast to the dtype of ``module``'s parameters on their device when that is a half type, else nothing.
+
+    Why: the models are stored in the serving dtype (half the memory, no per-op weight casts), while autocast keeps
+    what must stay float32 there (LayerNorm, softmax, float32 inputs such as the sampler state meet the weights' dtype
+    only inside matmuls/convolutions).
+    """
+    param = next(module.parameters())
+    if param.dtype not in (torch.float16, torch.bfloat16):
+        return contextlib.nullcontext()
+    return torch.autocast(param.device.type, dtype=param.dtype)
 
 
 def sinusoidal_embedding(positions: Tensor, dim: int, *, scale: float = 1.0) -> Tensor:
@@ -63,6 +83,16 @@ def sinusoidal_embedding(positions: Tensor, dim: int, *, scale: float = 1.0) -> 
     )
     args = positions.float().unsqueeze(-1) * scale * freqs
     return torch.cat([args.sin(), args.cos()], dim=-1)
+
+
+class MegaFloat32LayerNorm(nn.LayerNorm):
+    """``nn.LayerNorm`` (same ``weight``/``bias`` keys) computed in float32 whatever the input and parameter dtypes
+    (CPU autocast does not upcast it); returns the input's dtype. ``(..., C)`` → ``(..., C)``."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        weight = None if self.weight is None else self.weight.float()
+        bias = None if self.bias is None else self.bias.float()
+        return F.layer_norm(x.float(), self.normalized_shape, weight, bias, self.eps).to(x.dtype)
 
 
 # --- RelTransformer text encoder -------------------------------------------------------------------------------------
@@ -238,7 +268,11 @@ def _apply_pair_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 
 class MegaDiTAttention(nn.Module):
-    """Full (non-causal, unmasked) self-attention with biased ``wq/wk/wv/wo`` and pair-RoPE on q and k."""
+    """Full (non-causal) self-attention with biased ``wq/wk/wv/wo`` and pair-RoPE on q and k.
+
+    Unmasked for one utterance (the original's mask is all ones); a padded batch passes a key-padding mask so that no
+    frame attends to another item's padding.
+    """
 
     def __init__(self, dim: int, heads: int) -> None:
         super().__init__()
@@ -249,8 +283,8 @@ class MegaDiTAttention(nn.Module):
         self.wv = nn.Linear(dim, dim)
         self.wo = nn.Linear(dim, dim)
 
-    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor]) -> Tensor:
-        """``(B, T, C)`` → ``(B, T, C)``."""
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], key_mask: Tensor | None = None) -> Tensor:
+        """``x`` ``(B, T, C)``, ``key_mask`` ``(B, T)`` bool (True = a real frame; None = all real) → ``(B, T, C)``."""
         b, t, _ = x.shape
 
         def split(y: Tensor) -> Tensor:
@@ -258,7 +292,8 @@ class MegaDiTAttention(nn.Module):
 
         q = _apply_pair_rope(split(self.wq(x)), *rope)
         k = _apply_pair_rope(split(self.wk(x)), *rope)
-        out = F.scaled_dot_product_attention(q, k, split(self.wv(x)))
+        attn_mask = None if key_mask is None else key_mask[:, None, None, :]  # (B, 1, 1, T), broadcast over queries
+        out = F.scaled_dot_product_attention(q, k, split(self.wv(x)), attn_mask=attn_mask)
         return self.wo(out.transpose(1, 2).reshape(b, t, -1))
 
 
@@ -298,8 +333,8 @@ class MegaAdaLayerNormOut(nn.Module):
 
 
 def _layer_norm(x: Tensor) -> Tensor:
-    """LayerNorm without affine parameters, eps 1e-6, over the last axis."""
-    return F.layer_norm(x, (x.shape[-1],), eps=_DIT_LN_EPS)
+    """LayerNorm without affine parameters, eps 1e-6, over the last axis, in float32 (returns float32)."""
+    return F.layer_norm(x.float(), (x.shape[-1],), eps=_DIT_LN_EPS)
 
 
 class MegaDiTBlock(nn.Module):
@@ -311,10 +346,13 @@ class MegaDiTBlock(nn.Module):
         self.feed_forward = MegaDiTFeedForward(dim, ffn_hidden)
         self.attention_norm = MegaAdaLayerNormZero(dim)
 
-    def forward(self, x: Tensor, t_emb: Tensor, rope: tuple[Tensor, Tensor]) -> Tensor:
-        """``x`` ``(B, T, C)``, ``t_emb`` ``(B, C)`` → ``(B, T, C)``."""
+    def forward(self, x: Tensor, t_emb: Tensor, rope: tuple[Tensor, Tensor], key_mask: Tensor | None = None) -> Tensor:
+        """``x`` ``(B, T, C)``, ``t_emb`` ``(B, C)``, ``key_mask`` ``(B, T)`` bool or None → ``(B, T, C)``.
+
+        Everything but the attention is per frame (LayerNorm over channels), so padding cannot leak through it."""
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.attention_norm(t_emb)
-        h = x + gate_msa[:, None] * self.attention(_layer_norm(x) * (1 + scale_msa[:, None]) + shift_msa[:, None], rope)
+        modulated = _layer_norm(x) * (1 + scale_msa[:, None]) + shift_msa[:, None]
+        h = x + gate_msa[:, None] * self.attention(modulated, rope, key_mask)
         return h + gate_mlp[:, None] * self.feed_forward(_layer_norm(h) * (1 + scale_mlp[:, None]) + shift_mlp[:, None])
 
 
@@ -328,11 +366,13 @@ class MegaDiTBackbone(nn.Module):
         self.norm = MegaAdaLayerNormOut(dim)
         self.out_proj = nn.Linear(dim, dim)
 
-    def forward(self, x: Tensor, t_emb: Tensor) -> Tensor:
-        """``(B, T, C)`` → ``(B, T, C)``."""
+    def forward(self, x: Tensor, t_emb: Tensor, key_mask: Tensor | None = None) -> Tensor:
+        """``x`` ``(B, T, C)``, ``t_emb`` ``(B, C)``, ``key_mask`` ``(B, T)`` bool or None → ``(B, T, C)``.
+
+        RoPE positions start at 0 for every row, so a right-padded row sees the positions it would see alone."""
         rope = _rope_tables(x.shape[1], self.head_dim, x.device)
         for layer in self.layers:
-            x = layer(x, t_emb, rope)
+            x = layer(x, t_emb, rope, key_mask)
         return self.out_proj(self.norm(x, t_emb))
 
 
@@ -388,28 +428,53 @@ class MegaDiT(nn.Module):
     def frames_per_latent(self) -> int:
         return 2**self.dims.ling_downsample_layers
 
-    def linguistic_features(self, phones: Tensor, tones: Tensor, mel2ph: Tensor) -> Tensor:
+    def linguistic_features(
+        self, phones: Tensor, tones: Tensor, mel2ph: Tensor, mel_lengths: Tensor | None = None
+    ) -> Tensor:
         """Phone-level text encoding expanded to frames and downsampled to the latent rate.
 
         ``phones``/``tones`` ``(B, N)`` int (0 = padding), ``mel2ph`` ``(B, F)`` 1-based phone index per 100 Hz frame
-        (0 = padding; ``F`` a multiple of 4) → ``(B, F / 4, C)``.
+        (0 = padding; ``F`` a multiple of 4) → ``(B, F / 4, C)``. For a right-padded batch ``mel_lengths`` ``(B,)``
+        gives each row's real frames: the output of every downsampling convolution but the last is zeroed past the
+        row's length, so the next one reads zeros there, exactly the zero padding it reads when the row runs alone
+        (the phone encoder masks padding phones itself, and padding frames gather the all-zero row 0).
         """
         positions = torch.arange(phones.shape[1], device=phones.device)[None].expand_as(phones)
         other = self.tone_embed(tones) + sinusoidal_embedding(positions, self.dims.dim).to(self.tone_embed.weight.dtype)
         x_ling = self.ph_encoder(phones, other) * (phones > 0).unsqueeze(-1).to(other.dtype)  # (B, N, C)
         padded = F.pad(x_ling, (0, 0, 1, 0))  # row 0 = padding frame
         frames = torch.gather(padded, 1, mel2ph.unsqueeze(-1).expand(-1, -1, padded.shape[-1]))  # (B, F, C)
-        return self.ling_pre_net(frames.transpose(1, 2)).transpose(1, 2)
+        h = frames.transpose(1, 2)  # (B, C, F)
+        lengths = mel_lengths
+        last = len(self.ling_pre_net) - 1
+        for i, conv in enumerate(self.ling_pre_net):
+            h = conv(h)
+            if lengths is not None and i < last:
+                stride, pad, kernel = conv.stride[0], conv.padding[0], conv.kernel_size[0]
+                lengths = torch.div(lengths + 2 * pad - kernel, stride, rounding_mode="floor") + 1
+                keep = torch.arange(h.shape[-1], device=h.device)[None, :] < lengths[:, None]  # (B, F')
+                h = h * keep.unsqueeze(1).to(h.dtype)
+        return h.transpose(1, 2)
 
-    def forward(self, x: Tensor, t: Tensor, x_ling: Tensor, lat_ctx: Tensor, ctx_mask: Tensor) -> Tensor:
+    def forward(
+        self,
+        x: Tensor,
+        t: Tensor,
+        x_ling: Tensor,
+        lat_ctx: Tensor,
+        ctx_mask: Tensor,
+        key_mask: Tensor | None = None,
+    ) -> Tensor:
         """Velocity ``(B, T, latent)`` at flow time ``t`` ``(B,)`` for the noisy latent ``x`` ``(B, T, latent)``.
 
         ``x_ling`` ``(B, T, C)`` from :meth:`linguistic_features`; ``lat_ctx`` ``(B, T, latent)`` the prompt latent
-        (zero outside the prompt); ``ctx_mask`` ``(B, T, 1)`` 1 on prompt frames.
+        (zero outside the prompt); ``ctx_mask`` ``(B, T, 1)`` 1 on prompt frames; ``key_mask`` ``(B, T)`` bool, True
+        on real frames of a right-padded batch (None: no padding). Frames past a row's length give garbage velocities
+        that the caller ignores; they never influence the real frames.
         """
         local_cond = self.local_cond_project(torch.cat([lat_ctx * ctx_mask, self.ctx_mask_proj(ctx_mask)], dim=-1))
         h = self.x_prenet(x * (1 - ctx_mask)) + self.prenet(local_cond) + x_ling
-        return self.postnet(self.encoder(h, self.f5_time_embed(t)))
+        return self.postnet(self.encoder(h, self.f5_time_embed(t), key_mask))
 
 
 def sway_schedule(steps: int, device: torch.device | str = "cpu") -> Tensor:
@@ -418,7 +483,148 @@ def sway_schedule(steps: int, device: torch.device | str = "cpu") -> Tensor:
     return (1.0 - torch.cos(math.pi / 2 * i / steps)).float()
 
 
+@dataclass
+class DiTSample:
+    """One utterance (prompt + target) for :func:`amo_sample_batch`.
+
+    ``phones``/``tones`` ``(N,)`` int (prompt then target; tones already "English tone disabled"), ``mel2ph`` ``(F,)``
+    1-based phone index per 100 Hz frame with ``F`` a multiple of the DiT's 4× downsampling, ``prompt_latent``
+    ``(T_ref, latent)``. ``generator`` is the CPU generator the noise is drawn from (None: the global one); it is
+    advanced exactly as when the utterance is sampled alone, so batching never changes an item's noise.
+    """
+
+    phones: Tensor
+    tones: Tensor
+    mel2ph: Tensor
+    prompt_latent: Tensor
+    steps: int = 32
+    p_w: float = 1.6
+    t_w: float = 2.5
+    generator: torch.Generator | None = None
+
+    def frames(self, frames_per_latent: int) -> int:
+        """Latent frames of the utterance (prompt included)."""
+        return self.mel2ph.shape[0] // frames_per_latent
+
+    def check(self, model: MegaDiT) -> None:
+        """Raise :class:`ValueError` when the sample cannot be sampled (so a batch can leave it out)."""
+        fpl = model.frames_per_latent
+        latent_dim = model.dims.latent_dim
+        if self.phones.dim() != 1 or self.tones.shape != self.phones.shape or self.phones.numel() == 0:
+            raise ValueError(f"phones {tuple(self.phones.shape)} and tones {tuple(self.tones.shape)} must be (N,)")
+        if self.mel2ph.dim() != 1 or self.mel2ph.numel() == 0 or self.mel2ph.shape[0] % fpl:
+            raise ValueError(f"mel2ph {tuple(self.mel2ph.shape)} must be (F,) with F a positive multiple of {fpl}")
+        if self.prompt_latent.dim() != 2 or self.prompt_latent.shape[1] != latent_dim:
+            raise ValueError(f"prompt latent {tuple(self.prompt_latent.shape)} is not (T_ref, {latent_dim})")
+        if self.prompt_latent.shape[0] > self.frames(fpl):
+            raise ValueError(
+                f"prompt latent ({self.prompt_latent.shape[0]} frames) is longer than the utterance "
+                f"({self.frames(fpl)} frames)"
+            )
+        if self.steps < 1:
+            raise ValueError(f"steps must be at least 1, got {self.steps}")
+
+
+def _noise(shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device) -> Tensor:
+    """Standard normal noise drawn on the CPU (same numbers on every device) in float32, moved to ``device``."""
+    return torch.randn(shape, generator=generator, dtype=torch.float32).to(device)
+
+
 @torch.inference_mode()
+def _sample_group(model: MegaDiT, samples: Sequence[DiTSample], steps: int) -> list[Tensor]:
+    """CFG + AMO sampling of ``samples`` (all with ``steps`` steps) as one right-padded batch of ``3 × len`` rows.
+
+    Rows ``3i``, ``3i + 1``, ``3i + 2`` are item ``i``'s speaker+text, text-only and unconditional rows. Padding:
+    phone/tone/mel2ph id 0 (the padding id everywhere), zero latent context; the backbone gets a key-padding mask and
+    the linguistic convolutions the frame lengths, so each item's real frames see exactly what they see alone. One
+    item alone runs unpadded and unmasked (the original's computation).
+    """
+    device = next(model.parameters()).device
+    fpl = model.frames_per_latent
+    latent_dim = model.dims.latent_dim
+    count = len(samples)
+    n_phones = [s.phones.shape[0] for s in samples]
+    n_mel = [s.mel2ph.shape[0] for s in samples]
+    frames = [s.frames(fpl) for s in samples]
+    n_max, f_max, t_max = max(n_phones), max(n_mel), max(frames)
+    padded = len(set(n_phones)) > 1 or len(set(n_mel)) > 1
+
+    rows = 3 * count
+    phones = torch.zeros(rows, n_max, dtype=torch.long)
+    tones = torch.zeros(rows, n_max, dtype=torch.long)
+    mel2ph = torch.zeros(rows, f_max, dtype=torch.long)
+    lat_ctx = torch.zeros(rows, t_max, latent_dim)
+    ctx_mask = torch.zeros(rows, t_max, 1)
+    for i, s in enumerate(samples):
+        n, t_ref, r = n_phones[i], s.prompt_latent.shape[0], 3 * i
+        phones[r : r + 2, :n] = s.phones.long()
+        tones[r : r + 2, :n] = s.tones.long()
+        phones[r + 2, :n] = CFG_PHONE  # unconditional row: the CFG token on every real phone
+        tones[r + 2, :n] = CFG_TONE
+        mel2ph[r : r + 3, : n_mel[i]] = s.mel2ph.long()
+        lat_ctx[r, :t_ref] = s.prompt_latent.float().cpu()  # rows r+1 (text only) and r+2 (unconditional) get none
+        ctx_mask[r : r + 3, :t_ref] = 1.0
+    phones, tones, mel2ph = phones.to(device), tones.to(device), mel2ph.to(device)
+    lat_ctx, ctx_mask = lat_ctx.to(device), ctx_mask.to(device)
+    valid = torch.arange(t_max)[None, :] < torch.tensor(frames)[:, None]  # (count, T_max)
+    key_mask = valid.repeat_interleave(3, 0).to(device) if padded else None
+    mel_lengths = torch.tensor(n_mel, device=device).repeat_interleave(3) if padded else None
+    p_w = torch.tensor([s.p_w for s in samples], dtype=torch.float32, device=device).view(count, 1, 1)
+    t_w = torch.tensor([s.t_w for s in samples], dtype=torch.float32, device=device).view(count, 1, 1)
+    frame_mask = valid.to(device=device, dtype=torch.float32).unsqueeze(-1)  # (count, T_max, 1)
+
+    def draw() -> Tensor:
+        """One noise tensor ``(count, T_max, latent)``: each item's own draw of its own length, zero-padded."""
+        out = torch.zeros(count, t_max, latent_dim, device=device)
+        for i, s in enumerate(samples):
+            out[i, : frames[i]] = _noise((1, frames[i], latent_dim), s.generator, device)[0]
+        return out
+
+    schedule = sway_schedule(steps)
+    x = draw()
+    with autocast_like(model):
+        x_ling = model.linguistic_features(phones, tones, mel2ph, mel_lengths)
+        for i in range(steps):
+            t, t_next = float(schedule[i]), float(schedule[i + 1])
+            t_rows = torch.full((rows,), t, device=device)
+            v_all = model(x.repeat_interleave(3, 0), t_rows, x_ling, lat_ctx, ctx_mask, key_mask).float()
+            v_spk, v_text, v_uncond = v_all.view(count, 3, t_max, latent_dim).unbind(1)
+            v = v_uncond + p_w * (v_text - v_uncond) + t_w * (v_spk - v_text)
+            # AMO (overshoot 3): step to o beyond t', then mix back with fresh noise so the marginal matches t'.
+            o = min(t_next + 3.0 * (t_next - t), 1.0)
+            z_o = x + (o - t) * v
+            a = t_next / o
+            b = math.sqrt(max((1.0 - t_next) ** 2 - (a * (1.0 - o)) ** 2, 0.0))
+            x = a * z_o + b * draw() if b > 0 else a * z_o
+            x = x * frame_mask  # keep the padding at zero (it never reaches a real frame anyway)
+    results = []
+    for i, s in enumerate(samples):
+        latent = x[i, : frames[i]].float().clone()
+        latent[: s.prompt_latent.shape[0]] = s.prompt_latent.to(device).float()
+        results.append(latent)
+    return results
+
+
+def amo_sample_batch(model: MegaDiT, samples: Sequence[DiTSample]) -> list[Tensor]:
+    """Sample several utterances together (C.5, one batch per distinct step count); returns each latent
+    ``(F_i / 4, latent)`` float32 on the model device, the first ``T_ref`` frames replaced by the prompt latent.
+
+    Each item's result equals its solo result up to float rounding (padding is masked, noise comes from each item's
+    own generator in the solo order); ``p_w``/``t_w`` are per item. Raises :class:`ValueError` for an invalid item
+    (call :meth:`DiTSample.check` first to keep one bad item from failing the rest).
+    """
+    for sample in samples:
+        sample.check(model)
+    groups: dict[int, list[int]] = {}
+    for i, sample in enumerate(samples):
+        groups.setdefault(sample.steps, []).append(i)
+    out: list[Tensor | None] = [None] * len(samples)
+    for steps, indices in groups.items():
+        for i, latent in zip(indices, _sample_group(model, [samples[i] for i in indices], steps), strict=True):
+            out[i] = latent
+    return [latent for latent in out if latent is not None]
+
+
 def amo_sample(
     model: MegaDiT,
     *,
@@ -430,7 +636,6 @@ def amo_sample(
     p_w: float = 1.6,
     t_w: float = 2.5,
     generator: torch.Generator | None = None,
-    autocast_dtype: torch.dtype | None = None,
 ) -> Tensor:
     """Generate the latent of one utterance (prompt + target) with CFG and the AMO sampler (C.5).
 
@@ -438,37 +643,17 @@ def amo_sample(
     with ``F`` a multiple of 4, ``prompt_latent`` ``(1, T_ref, latent)``. Returns ``(1, F / 4, latent)`` float32 with
     the first ``T_ref`` frames replaced by the prompt latent. Guidance: ``v = v_u + p_w (v_text − v_u) +
     t_w (v_spk − v_text)``; the three rows run as one batch. Noise is drawn on the CPU from ``generator`` (so a
-    seed gives the same result on every device).
+    seed gives the same result on every device). The model runs in its parameters' dtype (:func:`autocast_like`);
+    the sampler state stays float32.
     """
-    device = next(model.parameters()).device
-    frames = mel2ph.shape[1] // model.frames_per_latent
-    t_ref = prompt_latent.shape[1]
-    latent_dim = prompt_latent.shape[2]
-    if t_ref > frames:
-        raise ValueError(f"prompt latent ({t_ref} frames) is longer than the utterance ({frames} frames)")
-    cfg_phones = torch.cat([phones, phones, torch.full_like(phones, CFG_PHONE)], 0).to(device)
-    cfg_tones = torch.cat([tones, tones, torch.full_like(tones, CFG_TONE)], 0).to(device)
-    lat_ctx = torch.zeros(3, frames, latent_dim, device=device)
-    lat_ctx[0, :t_ref] = prompt_latent[0].to(device).float()  # rows 1 (text only) and 2 (unconditional) get none
-    ctx_mask = torch.zeros(3, frames, 1, device=device)
-    ctx_mask[:, :t_ref] = 1.0
-    schedule = sway_schedule(steps)
-    x = torch.randn(1, frames, latent_dim, generator=generator, dtype=torch.float32).to(device)
-    enabled = autocast_dtype is not None
-    with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=enabled):
-        x_ling = model.linguistic_features(cfg_phones, cfg_tones, mel2ph.to(device).expand(3, -1))
-        for i in range(steps):
-            t, t_next = float(schedule[i]), float(schedule[i + 1])
-            v_all = model(x.expand(3, -1, -1), torch.full((3,), t, device=device), x_ling, lat_ctx, ctx_mask).float()
-            v_spk, v_text, v_uncond = v_all[0:1], v_all[1:2], v_all[2:3]
-            v = v_uncond + p_w * (v_text - v_uncond) + t_w * (v_spk - v_text)
-            # AMO (overshoot 3): step to o beyond t', then mix back with fresh noise so the marginal matches t'.
-            o = min(t_next + 3.0 * (t_next - t), 1.0)
-            z_o = x + (o - t) * v
-            a = t_next / o
-            b = math.sqrt(max((1.0 - t_next) ** 2 - (a * (1.0 - o)) ** 2, 0.0))
-            noise = torch.randn(x.shape, generator=generator, dtype=torch.float32).to(device) if b > 0 else 0.0
-            x = a * z_o + b * noise
-    x = x.float()
-    x[:, :t_ref] = prompt_latent.to(device).float()
-    return x
+    sample = DiTSample(
+        phones=phones[0],
+        tones=tones[0],
+        mel2ph=mel2ph[0],
+        prompt_latent=prompt_latent[0],
+        steps=steps,
+        p_w=p_w,
+        t_w=t_w,
+        generator=generator,
+    )
+    return amo_sample_batch(model, [sample])[0].unsqueeze(0)

@@ -5,13 +5,15 @@ durations (as codes ``dur + 1``) are teacher-forced through the decoder to fill 
 then decoded one code per phone, each step's input being ``code_emb(previous code) + enc_proj(x_ling[phone])``
 (models.md §C.2.3, §C.4 steps 4 and 6).
 
-Module tree (names are our reading of the described original; see :class:`~.config.MegaDurationDims`):
+Module tree (checked against the public MegaTTS3 source; see :class:`~.config.MegaDurationDims`):
 ``encoder`` (phone Embedding, or a RelTransformer when ``lm_use_enc``), ``ling_label_embed_layers.<label>``,
 ``enc_proj``, ``code_emb`` (``code_size + 2`` rows, BOS = ``code_size + 1``), ``layers.N.op.{layer_norm1, self_attn
-(in_proj_weight, out_proj), layer_norm2, ffn.{ffn_1, ffn_2}}`` (pre-LN unless ``use_post_ln``; rotary embedding of the
-rotate-half kind on q/k, base 10000), ``layer_norm`` (pre-LN only), ``project_out_dim``. The char encoder and
-``char_empty_embed`` are created upstream when ``mega_use_char`` but never used at inference: the loader verifies
-their shapes and drops them.
+(in_proj_weight, out_proj; no biases upstream), layer_norm2, ffn.{ffn_1.1, ffn_2}}`` (pre-LN unless ``use_post_ln``;
+rotary embedding of the rotate-half kind on q/k, base 10000), ``layer_norm`` (pre-LN only), ``project_out_dim``
+(``project_out_dim.0`` + Softplus for the ``ar_mse`` regression head). Tensors upstream creates but inference never
+uses: ``char_empty_embed`` (always), ``char_encoder`` (when ``mega_use_char``) and the sinusoidal position module's
+``embed_positions._float_tensor`` buffer (when ``use_pos_embed``); the loader verifies and drops them
+(:func:`duration_unused_shapes`, :func:`duration_unused_prefixes`).
 
 Shapes are time-major ``(B, T, C)``.
 """
@@ -26,13 +28,18 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from flashtts_core.engines.mega.config import MegaDurationDims
-from flashtts_core.engines.mega.modeling_dit import MegaRelTransformerEncoder, sinusoidal_embedding
+from flashtts_core.engines.mega.modeling_dit import (
+    MegaFloat32LayerNorm,
+    MegaRelTransformerEncoder,
+    sinusoidal_embedding,
+)
 
 __all__ = (
     "MegaDurationLM",
     "MegaDurationLayer",
     "MegaDurationState",
     "MegaRotarySelfAttention",
+    "duration_unused_prefixes",
     "duration_unused_shapes",
 )
 
@@ -141,11 +148,11 @@ class _MegaDurationFFN(nn.Module):
 class _MegaDurationOp(nn.Module):
     def __init__(self, dims: MegaDurationDims) -> None:
         super().__init__()
-        self.layer_norm1 = nn.LayerNorm(dims.hidden)
+        self.layer_norm1 = MegaFloat32LayerNorm(dims.hidden)
         self.self_attn = MegaRotarySelfAttention(
             dims.hidden, dims.heads, in_bias=dims.attn_in_bias, out_bias=dims.attn_out_bias
         )
-        self.layer_norm2 = nn.LayerNorm(dims.hidden)
+        self.layer_norm2 = MegaFloat32LayerNorm(dims.hidden)
         self.ffn = _MegaDurationFFN(dims)
 
 
@@ -204,13 +211,22 @@ class MegaDurationLM(nn.Module):
         self.enc_proj = nn.Linear(dims.txt_hidden, dims.hidden)
         self.code_emb = nn.Embedding(dims.code_size + 2, dims.hidden, padding_idx=0)
         self.layers = nn.ModuleList(MegaDurationLayer(dims) for _ in range(dims.layers))
-        self.layer_norm = None if dims.use_post_ln else nn.LayerNorm(dims.hidden)
-        out = 1 if dims.regression else dims.code_size + 1
-        self.project_out_dim = nn.Linear(dims.hidden, out)
+        self.layer_norm = None if dims.use_post_ln else MegaFloat32LayerNorm(dims.hidden)
+        # Classification over codes 0..code_size, or (``ar_mse``) Linear → Softplus (keys ``project_out_dim.0.*``).
+        self.project_out_dim: nn.Module = (
+            nn.Sequential(nn.Linear(dims.hidden, 1), nn.Softplus())
+            if dims.regression
+            else nn.Linear(dims.hidden, dims.code_size + 1)
+        )
 
     @property
     def bos(self) -> int:
         return self.dims.code_size + 1
+
+    @property
+    def device(self) -> torch.device:
+        """The device of the parameters."""
+        return self.code_emb.weight.device
 
     def linguistic(self, phones: Tensor, tones: Tensor) -> Tensor:
         """``phones``/``tones`` ``(B, N)`` → projected phone features ``(B, N, hidden)`` (zero on padding)."""
@@ -226,15 +242,21 @@ class MegaDurationLM(nn.Module):
         x = x * (phones > 0).unsqueeze(-1).to(x.dtype)
         return self.enc_proj(x)
 
-    def _step(self, codes: Tensor, x_ling: Tensor, state: MegaDurationState) -> Tensor:
+    def _step(self, codes: Tensor, x_ling: Tensor, state: MegaDurationState, call_offset: int = 0) -> Tensor:
         """Run ``codes`` ``(B, T)`` (previous codes) + ``x_ling`` ``(B, T, hidden)`` at the next T positions; returns
-        the head output ``(B, T, classes)`` and extends ``state``."""
+        the head output ``(B, T, classes)`` and extends ``state``.
+
+        Rotary positions continue ``state`` (prompt 0..P-1, then the target). The optional sinusoidal positions
+        (``use_pos_embed``) count from 1 within each prefill/decode call instead (``call_offset`` = the index of the
+        first code in its call), as upstream's incremental position module restarts with every ``infer`` call.
+        """
         t = codes.shape[1]
         positions = torch.arange(state.length, state.length + t, device=codes.device)
         x = self.code_emb(codes) + x_ling
         if self.dims.use_pos_embed:
             # Fairseq-style sinusoidal positions with padding_idx 0: the first real position is 1.
-            x = x + sinusoidal_embedding(positions + 1, self.dims.hidden).to(x.dtype)
+            within = torch.arange(call_offset + 1, call_offset + t + 1, device=codes.device)
+            x = x + sinusoidal_embedding(within, self.dims.hidden).to(x.dtype)
         first = not state.keys
         for i, layer in enumerate(self.layers):
             past = None if first else (state.keys[i], state.values[i])
@@ -278,9 +300,9 @@ class MegaDurationLM(nn.Module):
         prev = torch.tensor([[last_code]], device=phones.device)
         codes: list[int] = []
         for i in range(phones.shape[1]):
-            out = self._step(prev, x_ling[:, i : i + 1], state)[0, -1].float()
+            out = self._step(prev, x_ling[:, i : i + 1], state, call_offset=i)[0, -1].float()
             if self.dims.regression:
-                code = int(torch.round(F.softplus(out[0])))
+                code = int(torch.round(out[0]))  # the head ends with Softplus
             elif self.dims.infer_top_k:
                 logits = out / max(self.dims.infer_temperature, 1e-5)
                 top = torch.topk(logits, min(self.dims.infer_top_k, logits.numel()))
@@ -296,9 +318,21 @@ class MegaDurationLM(nn.Module):
 
 
 def duration_unused_shapes(dims: MegaDurationDims) -> dict[str, tuple[int, ...]]:
-    """Tensors of the file that inference never uses (verified by shape, then dropped)."""
-    unused: dict[str, tuple[int, ...]] = {}
-    if dims.mega_use_char:
+    """Tensors of the file that inference never uses (verified by shape, then dropped).
+
+    Upstream creates ``char_empty_embed`` whatever ``mega_use_char`` says, the char encoder only with it (an Embedding
+    unless ``lm_use_enc``, see :func:`duration_unused_prefixes`), and the one-element ``_float_tensor`` buffer of its
+    sinusoidal position module with ``use_pos_embed``.
+    """
+    unused: dict[str, tuple[int, ...]] = {"char_empty_embed.weight": (1, dims.txt_hidden)}
+    if dims.mega_use_char and not dims.lm_use_enc:
         unused["char_encoder.weight"] = (dims.char_vocab, dims.txt_hidden)
-        unused["char_empty_embed.weight"] = (1, dims.txt_hidden)
+    if dims.use_pos_embed:
+        unused["embed_positions._float_tensor"] = (1,)
     return unused
+
+
+def duration_unused_prefixes(dims: MegaDurationDims) -> tuple[str, ...]:
+    """Key prefixes of unused sub-modules whose shapes are not verified: the RelTransformer char encoder that upstream
+    builds with ``lm_use_enc`` and ``mega_use_char``."""
+    return ("char_encoder.",) if dims.mega_use_char and dims.lm_use_enc else ()

@@ -8,7 +8,7 @@ thread: the tiny models gain nothing from more, and on a shared CPU a thread poo
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -19,8 +19,11 @@ if TYPE_CHECKING:
     from flashtts_core.plugins.types import VoicePrompt
 
 
-def start_engine(model_dir: Path, **engine_options: Any) -> MegaEngine:
-    """A started torch backend (on ``g2p/``) + MegaTTS3 engine on the CPU (stop it with :func:`stop_engine`)."""
+def start_engine(model_dir: Path, *, config: Mapping[str, Any] | None = None, **engine_options: Any) -> MegaEngine:
+    """A started torch backend (on ``g2p/``, CPU) + MegaTTS3 engine (stop it with :func:`stop_engine`).
+
+    ``config`` overrides :class:`EngineConfig` fields (the engine's models default to the CPU); the keyword arguments
+    are engine options."""
     from flashtts_torch import TorchBackend
 
     from flashtts_core.engines.mega.engine import MegaEngine
@@ -29,10 +32,8 @@ def start_engine(model_dir: Path, **engine_options: Any) -> MegaEngine:
     backend = TorchBackend(
         BackendConfig(model_dir=str(MegaEngine.llm_dir(model_dir)), max_model_len=4096, device="cpu")
     )
-    engine = MegaEngine(
-        EngineConfig(model_dir=str(model_dir), device="cpu", detokenizer_device="cpu", options=engine_options),
-        backend,
-    )
+    fields: dict[str, Any] = {"device": "cpu", "detokenizer_device": "cpu", **(config or {})}
+    engine = MegaEngine(EngineConfig(model_dir=str(model_dir), options=engine_options, **fields), backend)
 
     async def start() -> None:
         await backend.startup()

@@ -148,3 +148,38 @@ def test_yaml_base_config_and_expressions(tmp_path: Path, caplog: pytest.LogCapt
         config, _ = load_global_config(tmp_path)
     assert config.win_size == 480 and config.frames_multiple == 8  # the expression falls back to the default
     assert any("expression" in r.message for r in caplog.records)
+
+
+def test_duration_lm_keys_follow_the_original_module_tree(copy_dir: Path) -> None:
+    """Upstream always saves ``char_empty_embed``, builds the decoder attention without biases, saves the position
+    module's ``_float_tensor`` buffer with ``use_pos_embed``, the char encoder with ``mega_use_char`` and names the
+    ``ar_mse`` head ``project_out_dim.0``."""
+    dur = copy_dir / "duration_lm"
+    path, yaml_path = dur / "model_only_last.ckpt", dur / "config.yaml"
+    state = read_mega_checkpoint(path, "dur_model")
+    assert state["char_empty_embed.weight"].shape == (1, 16)
+    assert "layers.0.op.ffn.ffn_1.1.weight" in state
+    assert not any(k.startswith("layers.0.op.self_attn.") and "bias" in k for k in state)
+
+    yaml_path.write_text(yaml_path.read_text().replace("use_pos_embed: false", "use_pos_embed: true"))
+    _rewrite(path, "dur_model", lambda sd: sd.update({"embed_positions._float_tensor": torch.zeros(1)}))
+    _rewrite(path, "dur_model", lambda sd: sd.update({"char_encoder.weight": torch.zeros(4000, 16)}))
+    config, dur_yaml = load_global_config(copy_dir)
+    lm = load_duration_lm(dur, config, dur_yaml)
+    assert lm.dims.use_pos_embed and lm.dims.mega_use_char and lm.dims.char_vocab == 4000
+
+    def regression_head(sd: dict[str, torch.Tensor]) -> None:
+        sd.pop("project_out_dim.weight"), sd.pop("project_out_dim.bias")
+        sd.update({"project_out_dim.0.weight": torch.zeros(1, 16), "project_out_dim.0.bias": torch.full((1,), 3.0)})
+
+    yaml_path.write_text(yaml_path.read_text().replace("dur_model_type: ar_dur", "dur_model_type: ar_mse"))
+    _rewrite(path, "dur_model", regression_head)
+    config, dur_yaml = load_global_config(copy_dir)
+    lm = load_duration_lm(dur, config, dur_yaml)
+    phones, tones = torch.tensor([[145, 120, 148]]), torch.tensor([[3, 3, 3]])
+    codes = lm.decode(phones, tones, lm.prefill(phones, tones, torch.tensor([[4, 4, 4]])), last_code=4)
+    assert codes == [3, 3, 3]  # round(softplus(3.0)) = 3
+
+    _rewrite(path, "dur_model", lambda sd: sd.pop("char_empty_embed.weight"))
+    with pytest.raises(CheckpointError, match=r"missing keys \(1\): char_empty_embed\.weight"):
+        load_duration_lm(dur, config, dur_yaml)
