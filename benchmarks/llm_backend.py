@@ -7,6 +7,11 @@ token is the real model's.
 
     python -m benchmarks.llm_backend --preset tiny --concurrency 1,2,4,8
     python -m benchmarks.llm_backend --preset spark-0.5b --device cuda --dtype bfloat16 --concurrency 1,8,32
+    python -m benchmarks.llm_backend --preset tiny --backend_option cache_implementation=static --concurrency 1,8
+
+``--backend_option key=value`` (repeatable) passes backend-specific options, as ``flashtts serve`` does; the
+decoding path the backend chose is printed when it reports one (the torch backend: dynamic or static cache, CUDA
+graphs or not).
 """
 
 from __future__ import annotations
@@ -78,7 +83,8 @@ async def main_async(args: argparse.Namespace) -> None:
             device=args.device,
             dtype=args.dtype,
             max_batch_size=max(args.concurrency),
-            max_model_len=4096,
+            max_model_len=args.max_model_len,
+            options=dict(args.backend_option),
         )
     )
     t0 = time.perf_counter()
@@ -87,10 +93,11 @@ async def main_async(args: argparse.Namespace) -> None:
     device = args.device
     print(f"# backend={args.backend} preset={args.preset} device={device} dtype={args.dtype} load={load_s:.1f}s")
     print(f"# machine: {platform.machine()} {platform.processor() or ''} python {platform.python_version()}")
+    print(f"# options: {dict(args.backend_option) or '-'}; path: {_decoding_path(backend)}")
     await one(backend, 0, args.prompt_len, 8, 0)  # warm-up
     print("| concurrency | tokens/s (total) | tokens/s per stream | TTFT p50 ms | TTFT p95 ms | wall s |")
     print("|---|---|---|---|---|---|")
-    for c in args.concurrency:
+    for c in (c for c in args.concurrency for _ in range(args.repeat)):
         start = time.perf_counter()
         results = await asyncio.gather(*(one(backend, i, args.prompt_len, args.tokens, 1) for i in range(c)))
         wall = time.perf_counter() - start
@@ -110,8 +117,24 @@ async def main_async(args: argparse.Namespace) -> None:
             extra = f", peak CUDA memory {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB"
     except ImportError:
         pass
+    graphs = getattr(getattr(backend, "_runtime", None), "graphs_captured", 0)
+    if graphs:
+        extra += f", {graphs} CUDA graphs captured"
     print(f"# peak RSS {rss_mb:.0f} MiB{extra}")
     await backend.shutdown()
+
+
+def _decoding_path(backend: object) -> str:
+    """The backend's own one-line description of its decoding path, where it has one (the torch backend)."""
+    runtime = getattr(backend, "_runtime", None)
+    return str(getattr(runtime, "path_description", "") or "n/a")
+
+
+def _option(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected key=value, got {text!r}")
+    return key.strip(), value.strip()
 
 
 def main() -> None:
@@ -123,6 +146,18 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=256, help="generated tokens per request")
     p.add_argument("--prompt_len", type=int, default=64)
     p.add_argument("--concurrency", type=lambda s: [int(x) for x in s.split(",")], default=[1, 2, 4, 8])
+    p.add_argument("--max_model_len", type=int, default=4096)
+    p.add_argument(
+        "--repeat", type=int, default=1, help="runs per concurrency (the first may include one-time work: graphs)"
+    )
+    p.add_argument(
+        "--backend_option",
+        type=_option,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="backend-specific option (repeatable), e.g. cache_implementation=static",
+    )
     asyncio.run(main_async(p.parse_args()))
 
 

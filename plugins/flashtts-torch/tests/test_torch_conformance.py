@@ -112,7 +112,7 @@ class TestTorchLlama(BackendConformance):
 
 
 class TestTorchQwen2Cuda(BackendConformance):
-    """The same suite on a CUDA GPU in float32 (``pytest --run-gpu``)."""
+    """The same suite on a CUDA GPU in float32 (``pytest --run-gpu``); ``auto``: the static cache with CUDA graphs."""
 
     pytestmark = pytest.mark.gpu  # added to the inherited asyncio(loop_scope="class") mark (pytest reads the MRO)
 
@@ -127,8 +127,24 @@ class TestTorchQwen2Cuda(BackendConformance):
         return _config(tiny_qwen2_dir, device="cuda", options={})
 
 
+class TestTorchQwen2CudaDynamic(BackendConformance):
+    """CUDA float32 on the dynamic cache (on CUDA, ``auto`` picks the static cache and CUDA graphs)."""
+
+    pytestmark = pytest.mark.gpu  # added to the inherited asyncio(loop_scope="class") mark (pytest reads the MRO)
+
+    @pytest.fixture(scope="class")
+    @classmethod
+    def backend_cls(cls) -> type[BackendBase]:
+        return TorchBackend
+
+    @pytest.fixture(scope="class")
+    @classmethod
+    def backend_config(cls, tiny_qwen2_dir: Path) -> BackendConfig:
+        return _config(tiny_qwen2_dir, device="cuda", options={"cache_implementation": "dynamic"})
+
+
 class TestTorchQwen2CudaBf16(BackendConformance):
-    """CUDA with the default dtype (bfloat16 on GPUs that support it)."""
+    """CUDA with the default dtype (bfloat16 on GPUs that support it) and the default path (static cache + graphs)."""
 
     pytestmark = pytest.mark.gpu  # added to the inherited asyncio(loop_scope="class") mark (pytest reads the MRO)
 

@@ -27,16 +27,35 @@ def test_cli_strings_are_converted() -> None:
     assert backend.options == TorchOptions(num_threads=2, trust_remote_code=False)
 
 
-@pytest.mark.parametrize("value", [None, "dynamic"])
+@pytest.mark.parametrize("value", [None, "auto", "dynamic", "static"])
 def test_supported_cache_implementations(value: str | None) -> None:
     assert TorchBackend(_config(cache_implementation=value)).options.cache_implementation == value
 
 
 def test_unsupported_cache_implementation_is_refused_up_front() -> None:
     with pytest.raises(InvalidRequestError) as info:
-        TorchBackend(_config(cache_implementation="static"))
-    assert "static" in info.value.message
-    assert "dynamic" in info.value.message
+        TorchBackend(_config(cache_implementation="offloaded"))
+    message = info.value.message
+    assert "offloaded" in message
+    assert "dynamic" in message and "static" in message and "auto" in message
+
+
+def test_static_options_from_the_cli() -> None:
+    options = TorchBackend(_config(cache_implementation="static", static_cache_len="4096", cuda_graphs="false")).options
+    assert options == TorchOptions(cache_implementation="static", static_cache_len=4096, cuda_graphs=False)
+    assert options.cache_mode == "static"
+    assert TorchOptions().cache_mode == "auto"
+    assert TorchOptions().cuda_graphs is True
+
+
+def test_static_cache_len_with_dynamic_is_refused() -> None:
+    with pytest.raises(InvalidRequestError, match="static_cache_len"):
+        TorchBackend(_config(cache_implementation="dynamic", static_cache_len=1024))
+
+
+def test_static_cache_len_must_be_sensible() -> None:
+    with pytest.raises(InvalidRequestError, match="static_cache_len"):
+        TorchBackend(_config(static_cache_len=4))
 
 
 def test_num_threads_must_be_positive() -> None:

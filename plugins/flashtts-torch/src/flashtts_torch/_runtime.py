@@ -4,24 +4,31 @@ Why not ``model.generate``: it cannot add a request to a running batch, streams 
 flushes at spaces, and audio tokens have none), and cannot be aborted from outside. Why not transformers' own
 continuous batching (``generate_batch`` / ``ContinuousBatchingManager``, transformers 5.x): one generation config and
 one seed for the whole manager, no per-request allowed-token mask, a paged-attention cache aimed at CUDA, and an
-API that changes between minor releases. The loop below is small and only relies on ``DynamicCache`` and
-``forward(input_ids, attention_mask, position_ids, cache)``.
+API that changes between minor releases. The loop below is small; its dynamic path only relies on ``DynamicCache``
+and ``forward(input_ids, attention_mask, position_ids, cache)``, its static path on the module layout of Llama-family
+decoders (:mod:`flashtts_torch._static`).
 
 Scheduler (one worker thread, ``TorchRuntime._run``), one iteration:
 
 1. take new requests from the pending queue while the batch has free slots (``max_batch_size``);
 2. drop aborted rows from the batch;
-3. prefill each new sequence alone (batch 1, its own fresh cache), sample its first token, then merge its cache
-   into the batch cache;
-4. run one decoding step for all active rows in a single forward pass and sample one token per row, all rows at
-   once (``sample_batch``; each sampled row draws from its own seeded generator);
+3. prefill each new sequence alone, sample its first token, then join it to the batch as its last row;
+4. run one decoding step for all active rows and sample one token per row, all rows at once (``sample_batch``;
+   each sampled row draws from its own seeded generator);
 5. drop finished rows, then hand the step's deltas to the consumers: one ``call_soon_threadsafe`` per event loop.
 
-Batched KV cache: every layer holds keys/values of shape ``(batch, kv_heads, columns, head_dim)`` with the rows
-**right-aligned** (left padding). ``self._mask`` ``(batch, columns)`` is 1 on real tokens and 0 on padding;
-position ids are passed explicitly per row (``(batch, 1)``, the row's real length), so RoPE does not see the padding.
-A row joining with a longer history left-pads all others; rows leaving trigger a trim of leading all-padding columns.
-All rows append at the same column, which is what ``DynamicCache.update`` (a concatenation) does.
+The scheduler is shared by both decoding paths; what differs (prefill, join, decode, drop) lives in a decoder
+object (:class:`Decoder`), chosen at load by ``cache_implementation``:
+
+* :class:`DynamicDecoder` (``dynamic``): the transformers model's own forward with a ``DynamicCache``. Every layer
+  holds keys/values of shape ``(batch, kv_heads, columns, head_dim)`` with the rows **right-aligned** (left
+  padding). Its mask ``(batch, columns)`` is 1 on real tokens and 0 on padding; position ids are passed explicitly
+  per row (``(batch, 1)``, the row's real length), so RoPE does not see the padding. A row joining with a longer
+  history left-pads all others; rows leaving trigger a trim of leading all-padding columns. All rows append at the
+  same column, which is what ``DynamicCache.update`` (a concatenation) does.
+* :class:`flashtts_torch._static.StaticDecoder` (``static``; ``auto`` picks it on CUDA for Llama-family models): a
+  preallocated slot cache with the rows compacted into slots ``0..b-1`` and, on CUDA, a graph-captured decoding
+  step. Its capacity (``static_cache_len``) is the backend's ``max_model_len``.
 """
 
 from __future__ import annotations
@@ -34,8 +41,9 @@ import os
 import random
 import threading
 from collections import OrderedDict, deque
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -48,9 +56,18 @@ from flashtts_core.errors import (
     PluginError,
 )
 from flashtts_core.plugins import BackendConfig, GenerationRequest, QueueItem, SamplingParams, TokenChunk
-from flashtts_torch.options import TorchOptions
+from flashtts_torch.options import DEFAULT_STATIC_CACHE_LEN, TorchOptions
 
-__all__ = ("SequenceState", "TorchRuntime", "candidate_weights", "process_logits", "sample_batch", "sample_next")
+__all__ = (
+    "Decoder",
+    "DynamicDecoder",
+    "SequenceState",
+    "TorchRuntime",
+    "candidate_weights",
+    "process_logits",
+    "sample_batch",
+    "sample_next",
+)
 
 logger = logging.getLogger(__name__)
 
@@ -315,6 +332,131 @@ def _kv_pairs(cache: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return list(zip(cache.key_cache, cache.value_cache, strict=True))
 
 
+class Decoder(Protocol):
+    """What the scheduler needs from a decoding path. Rows are the scheduler's batch, in order; every method runs on
+    the worker thread under ``torch.inference_mode()``."""
+
+    #: Most tokens (prompt + generated) a sequence may hold, or ``None`` when only ``max_model_len`` limits it.
+    capacity: int | None
+
+    def prefill(self, prompt: Sequence[int]) -> torch.Tensor:
+        """Run one prompt alone and keep its cache aside; returns the last position's logits ``(1, vocab)``."""
+        ...
+
+    def join(self) -> None:
+        """Append the last prefilled sequence to the batch as its last row."""
+        ...
+
+    def decode(self, ids: Sequence[int], positions: Sequence[int]) -> torch.Tensor:
+        """One step: row ``i`` feeds ``ids[i]`` at ``positions[i]``; returns next-token logits ``(rows, vocab)``."""
+        ...
+
+    def drop(self, rows: Sequence[int]) -> list[int]:
+        """Remove rows; returns, for each row of the new batch in order, its index in the old batch."""
+        ...
+
+    def clear(self) -> None:
+        """Forget every row (after a failed step)."""
+        ...
+
+    def close(self) -> None:
+        """Free the cache."""
+        ...
+
+
+class DynamicDecoder:
+    """The transformers forward with a batched ``DynamicCache`` (left-padded rows; see the module docstring)."""
+
+    capacity: int | None = None
+
+    def __init__(self, model: Any, device: torch.device) -> None:
+        from transformers import DynamicCache
+
+        self._model = model
+        self._device = device
+        # transformers 5.2x renamed forward's past_key_values to cache (5.24 still takes the old name, with a
+        # FutureWarning); use whichever this model's forward declares.
+        params = inspect.signature(type(model).forward).parameters
+        self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
+        self._keep_kwarg = next((name for name in ("logits_to_keep", "num_logits_to_keep") if name in params), None)
+        self._cache_cls: Any = DynamicCache
+        self._cache: Any = None
+        self._mask: torch.Tensor | None = None  # (batch, columns) long
+        self._pending: tuple[Any, int] | None = None  # a prefilled sequence's cache and prompt length
+
+    def _forward(self, input_ids: torch.Tensor, cache: Any, **kwargs: Any) -> tuple[torch.Tensor, Any]:
+        kwargs[self._cache_kwarg] = cache
+        output = self._model(input_ids=input_ids, use_cache=True, **kwargs)
+        returned = getattr(output, self._cache_kwarg, None)
+        return output.logits, (cache if returned is None else returned)
+
+    def prefill(self, prompt: Sequence[int]) -> torch.Tensor:
+        input_ids = torch.tensor([list(prompt)], dtype=torch.long, device=self._device)  # (1, prompt)
+        extra = {self._keep_kwarg: 1} if self._keep_kwarg else {}
+        logits, cache = self._forward(input_ids, self._cache_cls(), **extra)  # logits (1, 1|prompt, vocab)
+        self._pending = (cache, len(prompt))
+        return logits[:, -1]
+
+    def join(self) -> None:
+        """Merge the prefilled sequence's cache ``(1, heads, prompt, dim)`` into the batch cache, left-padding
+        whichever side is shorter so that every row ends at the last column."""
+        assert self._pending is not None, "join() without prefill()"
+        (cache, length), self._pending = self._pending, None
+        if self._mask is None:
+            self._cache = cache
+            self._mask = torch.ones(1, length, dtype=torch.long, device=self._device)
+            return
+        columns = self._mask.shape[1]
+        width = max(columns, length)
+        pad_old, pad_new = width - columns, width - length
+        layers = [
+            (
+                torch.cat([F.pad(k, (0, 0, pad_old, 0)), F.pad(nk, (0, 0, pad_new, 0))]),
+                torch.cat([F.pad(v, (0, 0, pad_old, 0)), F.pad(nv, (0, 0, pad_new, 0))]),
+            )
+            for (k, v), (nk, nv) in zip(_kv_pairs(self._cache), _kv_pairs(cache), strict=True)
+        ]
+        self._cache = self._cache_cls(layers)
+        new_mask = F.pad(torch.ones(1, length, dtype=torch.long, device=self._device), (pad_new, 0))
+        self._mask = torch.cat([F.pad(self._mask, (pad_old, 0)), new_mask])
+
+    def decode(self, ids: Sequence[int], positions: Sequence[int]) -> torch.Tensor:
+        assert self._mask is not None
+        size = len(ids)
+        input_ids = torch.tensor([[i] for i in ids], dtype=torch.long, device=self._device)  # (B, 1)
+        position_ids = torch.tensor([[p] for p in positions], dtype=torch.long, device=self._device)  # (B, 1)
+        self._mask = torch.cat([self._mask, self._mask.new_ones(size, 1)], dim=1)  # (B, columns + 1)
+        logits, self._cache = self._forward(
+            input_ids, self._cache, attention_mask=self._mask, position_ids=position_ids
+        )  # logits (B, 1, vocab)
+        return logits[:, -1, :]
+
+    def drop(self, rows: Sequence[int]) -> list[int]:
+        """Remove rows (the others keep their order) and trim leading columns that are padding in every row left."""
+        assert self._mask is not None
+        gone = set(rows)
+        keep = [i for i in range(self._mask.shape[0]) if i not in gone]
+        if not keep:
+            self.clear()
+            return keep
+        index = torch.tensor(keep, dtype=torch.long, device=self._device)
+        mask = self._mask.index_select(0, index)
+        start = int(mask.any(dim=0).to(torch.int8).argmax())  # first column that is real in some row
+        layers = [
+            (k.index_select(0, index)[:, :, start:], v.index_select(0, index)[:, :, start:])
+            for k, v in _kv_pairs(self._cache)
+        ]
+        self._cache = self._cache_cls(layers)
+        self._mask = mask[:, start:]
+        return keep
+
+    def clear(self) -> None:
+        self._cache = self._mask = self._pending = None
+
+    def close(self) -> None:
+        self.clear()
+
+
 class TorchRuntime:
     """Owns the model and the scheduler thread. ``load``/``close`` run in a worker thread (``anyio.to_thread``);
     ``submit``/``abort`` and the counters are called from the event loop."""
@@ -327,25 +469,30 @@ class TorchRuntime:
         self._closing = False
         self._thread: threading.Thread | None = None
         self._model: Any = None
-        self._cache_kwarg = "past_key_values"
-        self._keep_kwarg: str | None = None
-        self._cache_cls: Any = None
-        # Batch state, touched only by the worker thread.
+        # Batch state, touched only by the worker thread: the sequences (the decoder's rows, in order) and the
+        # decoding path that holds their KV cache.
         self._batch: list[SequenceState] = []
-        self._cache: Any = None
-        self._mask: torch.Tensor | None = None  # (batch, columns) long
+        self._decoder: Decoder | None = None
         self._admitting = 0
         self._allowed_masks: OrderedDict[frozenset[int], torch.Tensor] = OrderedDict()
         # Items emitted during the current scheduler iteration, handed to the event loops by _flush.
         self._outbox: list[tuple[SequenceState, QueueItem]] = []
         # Seeds for requests without one: reproducible per server run when config.seed is set.
         self._seed_rng = random.Random(config.seed)
-        self._previous_threads: int | None = None
+        self._threads: int | None = None  # intra-op threads of the scheduler thread on CPU (None: torch's)
         self.device = torch.device("cpu")
         self.dtype = torch.float32
         self.vocab_size = 0
         self.max_model_len = config.max_model_len
         self.peak_batch = 0  # largest decoding batch seen (tests check that requests are batched)
+        self.cache_implementation = "dynamic"  # the decoding path in use: "dynamic" or "static"
+        self.cuda_graphs = False  # whether the static path replays CUDA graphs
+        self.path_description = ""  # one line: the path and why (logged at load, printed by benchmarks)
+
+    @property
+    def graphs_captured(self) -> int:
+        """CUDA graphs captured so far by the static path (0 on the dynamic path)."""
+        return int(getattr(self._decoder, "graphs_captured", 0))
 
     # --- event-loop side -------------------------------------------------------------------------------------
 
@@ -388,7 +535,7 @@ class TorchRuntime:
     def load(self) -> None:
         """Load weights and start the scheduler thread. Blocking; run off the event loop."""
         import transformers
-        from transformers import AutoModelForCausalLM, DynamicCache
+        from transformers import AutoModelForCausalLM
 
         config = self._config
         model_dir = Path(config.model_dir)
@@ -399,10 +546,12 @@ class TorchRuntime:
         self.device = device = _resolve_device(config.device)
         self.dtype = dtype = _resolve_dtype(config.dtype, device)
         if device.type == "cpu":
-            wanted = self._options.num_threads or min(torch.get_num_threads(), _available_cpus())
-            if wanted != torch.get_num_threads():
-                self._previous_threads = torch.get_num_threads()
-                torch.set_num_threads(wanted)
+            # The scheduler thread sets this for itself (torch's OpenMP thread count is per thread): the option,
+            # else the server's share of the CPU (BackendConfig.cpu_threads), else torch's default capped at the
+            # CPUs this process may use (torch counts every core of the machine, which oversubscribes containers).
+            self._threads = (
+                self._options.num_threads or self._config.cpu_threads or min(torch.get_num_threads(), _available_cpus())
+            )
         # transformers 4.56 renamed from_pretrained's torch_dtype to dtype.
         dtype_kwarg = "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
         kwargs: dict[str, Any] = {
@@ -414,20 +563,88 @@ class TorchRuntime:
             kwargs["attn_implementation"] = config.attn_implementation
         model = AutoModelForCausalLM.from_pretrained(str(model_dir), **kwargs)
         model = model.to(device).eval()
-        # transformers 5.2x renamed forward's past_key_values to cache (5.24 still takes the old name, with a
-        # FutureWarning); use whichever this model's forward declares.
-        params = inspect.signature(type(model).forward).parameters
-        self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
-        self._keep_kwarg = next((name for name in ("logits_to_keep", "num_logits_to_keep") if name in params), None)
-        self._cache_cls = DynamicCache
+        self._model = model
         text_config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
         output = model.get_output_embeddings()
         self.vocab_size = int(output.weight.shape[0]) if output is not None else int(text_config.vocab_size)
         max_positions = getattr(text_config, "max_position_embeddings", None)
         self.max_model_len = min(config.max_model_len, max_positions) if max_positions else config.max_model_len
-        self._model = model
+        self._decoder = self._make_decoder(model)  # the backend logs path_description with its "ready" line
         self._thread = threading.Thread(target=self._run, name="flashtts-torch-scheduler", daemon=True)
         self._thread.start()
+
+    def _make_decoder(self, model: Any) -> Decoder:
+        """Pick the decoding path (``cache_implementation``), build it and set ``path_description`` (and, for the
+        static path, ``max_model_len`` = the cache length)."""
+        from flashtts_torch._static import SUPPORTED_ARCHITECTURES, StaticDecoder, UnsupportedModelError, inspect_layout
+
+        options, device = self._options, self.device
+        mode = options.cache_mode
+        if mode == "dynamic":
+            self.path_description = "dynamic cache (cache_implementation=dynamic)"
+            return DynamicDecoder(model, device)
+        if mode == "auto" and device.type != "cuda":
+            self.path_description = (
+                f"dynamic cache (cache_implementation=auto on {device.type}: the static cache is picked "
+                "automatically on CUDA only; ask for it with cache_implementation=static)"
+            )
+            return DynamicDecoder(model, device)
+        wanted = options.static_cache_len or DEFAULT_STATIC_CACHE_LEN
+        cache_len = min(wanted, self.max_model_len)
+        try:
+            layout = inspect_layout(model, cache_len)
+        except UnsupportedModelError as exc:
+            if mode == "static":
+                raise PluginError(
+                    f"cache_implementation=static is not available for this model: {exc}. The static path "
+                    f"supports {', '.join(SUPPORTED_ARCHITECTURES)} (full attention, RoPE without "
+                    "sequence-length-dependent scaling); use cache_implementation=dynamic"
+                ) from exc
+            self.path_description = f"dynamic cache (cache_implementation=auto, no static path: {exc})"
+            return DynamicDecoder(model, device)
+        slots = self._config.max_batch_size
+        try:
+            with torch.inference_mode():
+                decoder = StaticDecoder(
+                    layout,
+                    slots=slots,
+                    cache_len=cache_len,
+                    device=device,
+                    dtype=self.dtype,
+                    cuda_graphs=options.cuda_graphs,
+                )
+        except torch.cuda.OutOfMemoryError as exc:
+            size = StaticDecoder.cache_size(layout, slots=slots, cache_len=cache_len, dtype=self.dtype)
+            advice = "lower static_cache_len or --llm_batch_size, or use cache_implementation=dynamic"
+            if mode == "static":
+                raise PluginError(
+                    f"the static KV cache ({slots} slots x {cache_len} columns, {size / 2**30:.1f} GiB) does not "
+                    f"fit on {device}: {advice}"
+                ) from exc
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            self.path_description = (
+                f"dynamic cache (cache_implementation=auto: the static cache, {size / 2**30:.1f} GiB, does not fit; "
+                f"{advice})"
+            )
+            return DynamicDecoder(model, device)
+        self.max_model_len = cache_len
+        self.cache_implementation = "static"
+        self.cuda_graphs = decoder.use_graphs
+        if decoder.use_graphs:
+            graphs = "CUDA graphs on"
+        elif device.type == "cuda":
+            graphs = "CUDA graphs off (cuda_graphs=false)"
+        else:
+            graphs = f"no CUDA graphs on {device.type}"
+        capped = ""
+        if options.static_cache_len is not None and cache_len < options.static_cache_len:
+            capped = f" (static_cache_len {options.static_cache_len} capped by max_model_len)"
+        self.path_description = (
+            f"static cache (cache_implementation={mode}, {type(model).__name__}), {graphs}, "
+            f"cache_len={cache_len}{capped}, slots={slots}, {decoder.cache_bytes / 2**20:.1f} MiB of keys/values"
+        )
+        return decoder
 
     def close(self) -> None:
         """Stop the worker (after its current step), end every open request with ``abort`` and free the model."""
@@ -444,19 +661,20 @@ class TorchRuntime:
             self._finish(sequence, TokenChunk((), "abort"))
         self._flush()
         self._batch = []
-        self._cache = self._mask = None
+        if self._decoder is not None:
+            self._decoder.close()
+            self._decoder = None
         self._allowed_masks.clear()
         self._model = None
         gc.collect()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
-        if self._previous_threads is not None:
-            torch.set_num_threads(self._previous_threads)
-            self._previous_threads = None
 
     # --- scheduler (worker thread) ---------------------------------------------------------------------------
 
     def _run(self) -> None:
+        if self._threads is not None and self._threads != torch.get_num_threads():
+            torch.set_num_threads(self._threads)  # this thread's count (see load)
         with torch.inference_mode():
             while True:
                 admitted = self._next_work()
@@ -490,7 +708,9 @@ class TorchRuntime:
             error = self._error(exc)
             for sequence in self._batch:
                 self._finish(sequence, error)
-            self._batch, self._cache, self._mask = [], None, None
+            self._batch = []
+            if self._decoder is not None:
+                self._decoder.clear()
 
     def _next_work(self) -> list[SequenceState] | None:
         """Block until there is something to do; return the newly admitted sequences (``None``: shut down)."""
@@ -506,13 +726,8 @@ class TorchRuntime:
             self._admitting = len(admitted)
             return admitted
 
-    def _forward(self, input_ids: torch.Tensor, cache: Any, **kwargs: Any) -> tuple[torch.Tensor, Any]:
-        kwargs[self._cache_kwarg] = cache
-        output = self._model(input_ids=input_ids, use_cache=True, **kwargs)
-        returned = getattr(output, self._cache_kwarg, None)
-        return output.logits, (cache if returned is None else returned)
-
     def _prefill(self, sequence: SequenceState) -> None:
+        assert self._decoder is not None
         device = self.device
         sampling = sequence.sampling
         sequence.generator = torch.Generator(device=device)
@@ -523,27 +738,19 @@ class TorchRuntime:
             sequence.presence = presence
         if sampling.allowed_token_ids is not None:
             sequence.allowed = self._allowed_mask(sampling.allowed_token_ids)
-        input_ids = torch.tensor([sequence.prompt], dtype=torch.long, device=device)  # (1, prompt)
-        extra = {self._keep_kwarg: 1} if self._keep_kwarg else {}
-        logits, cache = self._forward(input_ids, self._cache_cls(), **extra)  # logits (1, 1|prompt, vocab)
+        logits = self._decoder.prefill(sequence.prompt)  # (1, vocab)
         sequence.length = len(sequence.prompt)
-        token = int(sample_batch(logits[:, -1], [sequence])[0])
+        token = int(sample_batch(logits, [sequence])[0])
         if self._accept(sequence, token):
-            self._join(sequence, cache)
+            self._decoder.join()
+            self._batch.append(sequence)
 
     def _decode_step(self) -> None:
+        assert self._decoder is not None
         batch = self._batch
-        assert self._mask is not None
-        device = self.device
-        size = len(batch)
-        self.peak_batch = max(self.peak_batch, size)
-        input_ids = torch.tensor([[seq.next_token] for seq in batch], dtype=torch.long, device=device)  # (B, 1)
-        positions = torch.tensor([[seq.length] for seq in batch], dtype=torch.long, device=device)  # (B, 1)
-        self._mask = torch.cat([self._mask, self._mask.new_ones(size, 1)], dim=1)  # (B, columns + 1)
-        logits, self._cache = self._forward(
-            input_ids, self._cache, attention_mask=self._mask, position_ids=positions
-        )  # logits (B, 1, vocab)
-        picks = sample_batch(logits[:, -1, :], batch).tolist()
+        self.peak_batch = max(self.peak_batch, len(batch))
+        logits = self._decoder.decode([seq.next_token for seq in batch], [seq.length for seq in batch])  # (B, vocab)
+        picks = sample_batch(logits, batch).tolist()
         done: list[int] = []
         for i, (sequence, token) in enumerate(zip(batch, picks, strict=True)):
             sequence.length += 1
@@ -557,7 +764,7 @@ class TorchRuntime:
             self._finish(sequence, TokenChunk((), "stop"))
             return False
         sequence.num_generated += 1
-        if sequence.num_generated >= sequence.sampling.max_tokens:
+        if sequence.num_generated >= sequence.sampling.max_tokens or self._context_full(sequence):
             self._finish(sequence, TokenChunk((token,), "length"))
             return False
         if sequence.presence is not None:
@@ -566,51 +773,19 @@ class TorchRuntime:
         self._emit(sequence, TokenChunk((token,)))
         return True
 
-    def _join(self, sequence: SequenceState, cache: Any) -> None:
-        """Merge a prefilled sequence's cache ``(1, heads, prompt, dim)`` into the batch cache, left-padding
-        whichever side is shorter so that every row ends at the last column."""
-        new_kv = _kv_pairs(cache)
-        length = sequence.length
-        if not self._batch:
-            self._cache = cache
-            self._mask = torch.ones(1, length, dtype=torch.long, device=self.device)
-        else:
-            assert self._mask is not None
-            columns = self._mask.shape[1]
-            width = max(columns, length)
-            pad_old, pad_new = width - columns, width - length
-            layers = [
-                (
-                    torch.cat([F.pad(k, (0, 0, pad_old, 0)), F.pad(nk, (0, 0, pad_new, 0))]),
-                    torch.cat([F.pad(v, (0, 0, pad_old, 0)), F.pad(nv, (0, 0, pad_new, 0))]),
-                )
-                for (k, v), (nk, nv) in zip(_kv_pairs(self._cache), new_kv, strict=True)
-            ]
-            self._cache = self._cache_cls(layers)
-            new_mask = F.pad(torch.ones(1, length, dtype=torch.long, device=self.device), (pad_new, 0))
-            self._mask = torch.cat([F.pad(self._mask, (pad_old, 0)), new_mask])
-        self._batch.append(sequence)
+    def _context_full(self, sequence: SequenceState) -> bool:
+        """Prompt + generated ids fill the decoder's capacity (the static cache), so nothing more can be fed back.
+        ``BackendBase.validate`` already caps ``max_tokens`` so; this guards requests that bypass it."""
+        capacity = self._decoder.capacity if self._decoder is not None else None
+        return capacity is not None and len(sequence.prompt) + sequence.num_generated >= capacity
 
     def _drop_rows(self, rows: list[int]) -> None:
-        """Remove batch rows (finished or aborted) and trim leading columns that are padding in every row left."""
+        """Remove batch rows (finished or aborted); the decoder says which old row each remaining row is."""
         if not rows:
             return
-        gone = set(rows)
-        keep = [i for i in range(len(self._batch)) if i not in gone]
-        self._batch = [self._batch[i] for i in keep]
-        if not keep:
-            self._cache, self._mask = None, None
-            return
-        assert self._mask is not None
-        index = torch.tensor(keep, dtype=torch.long, device=self.device)
-        mask = self._mask.index_select(0, index)
-        start = int(mask.any(dim=0).to(torch.int8).argmax())  # first column that is real in some row
-        layers = [
-            (k.index_select(0, index)[:, :, start:], v.index_select(0, index)[:, :, start:])
-            for k, v in _kv_pairs(self._cache)
-        ]
-        self._cache = self._cache_cls(layers)
-        self._mask = mask[:, start:]
+        assert self._decoder is not None
+        order = self._decoder.drop(rows)
+        self._batch = [self._batch[i] for i in order]
 
     def _allowed_mask(self, allowed: frozenset[int]) -> torch.Tensor:
         """(vocab,) bool mask, cached per set: engines pass the same frozenset object with every request, so the

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, ClassVar
 import anyio
 import msgspec
 
-from flashtts_core.errors import BackendNotReadyError
+from flashtts_core.errors import BackendNotReadyError, PromptTooLongError
 from flashtts_core.plugins import (
     BackendBase,
     BackendCapabilities,
@@ -93,12 +93,13 @@ class TorchBackend(BackendBase):
             vocab_size=runtime.vocab_size,
         )
         logger.info(
-            "torch backend ready: %s on %s (%s), max_model_len=%d, max_batch_size=%d",
+            "torch backend ready: %s on %s (%s), max_model_len=%d, max_batch_size=%d; decoding path: %s",
             self.config.model_dir,
             runtime.device,
             runtime.dtype,
             runtime.max_model_len,
             self.config.max_batch_size,
+            runtime.path_description,
         )
         await super().startup()
 
@@ -123,6 +124,24 @@ class TorchBackend(BackendBase):
         return msgspec.structs.replace(health, running=runtime.num_running, waiting=runtime.num_waiting)
 
     # --- generation ------------------------------------------------------------------------------------------
+
+    def validate(self, request: GenerationRequest) -> GenerationRequest:
+        """:meth:`BackendBase.validate`, with a message that names the static cache when it is what limits the
+        context (its ``static_cache_len`` columns, not ``--max_length``)."""
+        runtime = self._runtime
+        if (
+            runtime is not None
+            and self._started
+            and runtime.cache_implementation == "static"
+            and len(request.prompt_token_ids) >= runtime.max_model_len
+        ):
+            raise PromptTooLongError(
+                f"the prompt has {len(request.prompt_token_ids)} tokens but the static KV cache of the torch backend "
+                f"holds {runtime.max_model_len} (prompt + generated); shorten the text (or split it) or raise "
+                "--backend_option static_cache_len (or --max_length, which caps it)",
+                param="input",
+            )
+        return super().validate(request)
 
     async def _generate(self, request: GenerationRequest) -> AsyncIterator[TokenChunk]:
         runtime = self._runtime
