@@ -13,7 +13,9 @@ from flashtts_core.plugins import BackendBase, BackendConfig
 from flashtts_core.testing.conformance import BackendConformance, generate, make_request
 
 # One intra-op thread: the tiny models are overhead-bound, and the CI box has two cores shared with other jobs.
-_OPTIONS = {"num_threads": 1}
+# The CPU classes pin the dynamic path (auto would pick the static one here); the static path's conformance
+# classes are in test_torch_static.py.
+_OPTIONS = {"num_threads": 1, "cache_implementation": "dynamic"}
 
 
 def _config(model_dir: Path, **overrides: object) -> BackendConfig:

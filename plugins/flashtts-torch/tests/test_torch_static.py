@@ -330,11 +330,24 @@ async def test_static_cache_len_capped_by_max_model_len(tiny_qwen2_dir: Path) ->
         assert backend._runtime is not None and "cache_len=300" in backend._runtime.path_description
 
 
-async def test_auto_is_dynamic_on_cpu(tiny_qwen2_dir: Path) -> None:
+async def test_auto_is_static_on_cpu_when_the_cache_is_small(tiny_qwen2_dir: Path) -> None:
     async with _started(tiny_qwen2_dir) as backend:
         runtime = backend._runtime
         assert runtime is not None
-        assert runtime.cache_implementation == "dynamic" and "auto" in runtime.path_description
+        assert runtime.cache_implementation == "static" and "auto" in runtime.path_description
+        assert backend.capabilities.max_model_len == 1024
+
+
+async def test_auto_is_dynamic_on_cpu_when_the_cache_is_large(
+    tiny_qwen2_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from flashtts_torch import _runtime
+
+    monkeypatch.setattr(_runtime, "_available_memory", lambda: 1024)  # 1 KiB free: nothing fits
+    async with _started(tiny_qwen2_dir) as backend:
+        runtime = backend._runtime
+        assert runtime is not None
+        assert runtime.cache_implementation == "dynamic" and "available memory" in runtime.path_description
         assert backend.capabilities.max_model_len == 1024
 
 

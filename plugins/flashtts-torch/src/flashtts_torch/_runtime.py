@@ -26,7 +26,8 @@ object (:class:`Decoder`), chosen at load by ``cache_implementation``:
   per row (``(batch, 1)``, the row's real length), so RoPE does not see the padding. A row joining with a longer
   history left-pads all others; rows leaving trigger a trim of leading all-padding columns. All rows append at the
   same column, which is what ``DynamicCache.update`` (a concatenation) does.
-* :class:`flashtts_torch._static.StaticDecoder` (``static``; ``auto`` picks it on CUDA for Llama-family models): a
+* :class:`flashtts_torch._static.StaticDecoder` (``static``; ``auto`` picks it for Llama-family models on CUDA, and
+  on CPU when the cache takes at most a quarter of the available memory): a
   preallocated slot cache with the rows compacted into slots ``0..b-1`` and, on CUDA, a graph-captured decoding
   step. Its capacity (``static_cache_len``) is the backend's ``max_model_len``.
 """
@@ -287,6 +288,23 @@ def _deliver(items: list[tuple[SequenceState, QueueItem]]) -> None:
     """Runs on the consumer's event loop: put a scheduler step's items into their queues, in order."""
     for sequence, item in items:
         sequence.queue.put_nowait(item)
+
+
+#: cache_implementation=auto on CPU takes the static cache only when it needs at most this share of the available
+#: memory.
+_CPU_STATIC_CACHE_SHARE = 0.25
+
+
+def _available_memory() -> int | None:
+    """Bytes of memory available to new allocations (Linux ``MemAvailable``), or ``None`` when unknown."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
 
 
 def _available_cpus() -> int:
@@ -583,10 +601,10 @@ class TorchRuntime:
         if mode == "dynamic":
             self.path_description = "dynamic cache (cache_implementation=dynamic)"
             return DynamicDecoder(model, device)
-        if mode == "auto" and device.type != "cuda":
+        if mode == "auto" and device.type not in ("cuda", "cpu"):
             self.path_description = (
                 f"dynamic cache (cache_implementation=auto on {device.type}: the static cache is picked "
-                "automatically on CUDA only; ask for it with cache_implementation=static)"
+                "automatically on CUDA and CPU only; ask for it with cache_implementation=static)"
             )
             return DynamicDecoder(model, device)
         wanted = options.static_cache_len or DEFAULT_STATIC_CACHE_LEN
@@ -603,6 +621,19 @@ class TorchRuntime:
             self.path_description = f"dynamic cache (cache_implementation=auto, no static path: {exc})"
             return DynamicDecoder(model, device)
         slots = self._config.max_batch_size
+        if mode == "auto" and device.type == "cpu":
+            # On the CPU an allocation this large does not fail, it swaps: take the static cache only where it
+            # leaves most of the memory free.
+            size = StaticDecoder.cache_size(layout, slots=slots, cache_len=cache_len, dtype=self.dtype)
+            free = _available_memory()
+            if free is None or size > free * _CPU_STATIC_CACHE_SHARE:
+                what = "unknown" if free is None else f"{free / 2**30:.1f} GiB"
+                self.path_description = (
+                    f"dynamic cache (cache_implementation=auto: the static cache would take {size / 2**30:.1f} GiB "
+                    f"of the {what} of available memory; lower static_cache_len or --llm_batch_size, or ask for "
+                    "cache_implementation=static)"
+                )
+                return DynamicDecoder(model, device)
         try:
             with torch.inference_mode():
                 decoder = StaticDecoder(
