@@ -35,7 +35,8 @@ class ServerSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     torch_dtype: Dtype = "auto"
     cache_implementation: str | None = None
     seed: int = 0
-    batch_size: Annotated[int, Meta(ge=1)] = 1
+    # Codec batch size. The original's default was 1 (no batching); 8 lets concurrent streams share codec calls.
+    batch_size: Annotated[int, Meta(ge=1)] = 8
     llm_batch_size: Annotated[int, Meta(ge=1)] = 8
     wait_timeout: Annotated[float, Meta(ge=0.0)] = 0.01
     # CPU threads for model work (LLM + audio codec). None: the CPUs this process may use. When the LLM and the

@@ -36,7 +36,7 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--torch_dtype", default="auto", choices=("auto", "float16", "bfloat16", "float32"))
     g.add_argument("--cache_implementation", default=None, help="transformers cache implementation (torch backend)")
     g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--batch_size", type=int, default=1, help="dynamic batch size of audio tokenizer/detokenizer")
+    g.add_argument("--batch_size", type=int, default=8, help="dynamic batch size of audio tokenizer/detokenizer")
     g.add_argument("--llm_batch_size", type=int, default=8, help="max concurrent LLM sequences")
     g.add_argument("--wait_timeout", type=float, default=0.01, help="dynamic batching gather time (s)")
     g.add_argument(
@@ -51,6 +51,13 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
         default=[],
         metavar="KEY=VALUE",
         help="backend-specific option (repeatable); see the backend's README",
+    )
+    g.add_argument(
+        "--engine_option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="engine-specific option (repeatable), e.g. MegaTTS3's time_step=16 or dtype=bfloat16",
     )
     g.add_argument(
         "--llm_gguf",
@@ -75,6 +82,7 @@ def parse_key_values(items: list[str], flag: str) -> dict[str, Any]:
 def settings_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     kwargs = {k: getattr(args, k) for k in _MODEL_KEYS}
     kwargs["backend_options"] = parse_key_values(args.backend_option, "--backend_option")
+    kwargs["engine_options"] = parse_key_values(args.engine_option, "--engine_option")
     return kwargs
 
 

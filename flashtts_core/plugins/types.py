@@ -203,7 +203,7 @@ class EngineConfig(msgspec.Struct, frozen=True, kw_only=True):
     detokenizer_device: str = "auto"
     dtype: Literal["auto", "float16", "bfloat16", "float32"] = "auto"
     seed: int | None = 0
-    batch_size: Annotated[int, Meta(ge=1)] = 1  # dynamic batch size of codec work
+    batch_size: Annotated[int, Meta(ge=1)] = 8  # dynamic batch size of codec work
     wait_timeout: Annotated[float, Meta(ge=0.0)] = 0.01  # dynamic batch gather time (s)
     state_dir: str | None = None  # where an engine may persist small state (e.g. pinned voices)
     cpu_threads: Annotated[int, Meta(ge=1)] | None = None  # intra-op threads of codec work on the CPU (None: torch's)

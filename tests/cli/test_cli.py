@@ -55,3 +55,19 @@ def test_backend_not_installed_names_the_fix(tmp_path: Path) -> None:
         (tmp_path / d).mkdir()
     out = _flashtts("serve", "--model_path", str(tmp_path), "--backend", "sglang-nonexistent")
     assert out.returncode == 2 and "unknown backend 'sglang-nonexistent'" in out.stderr
+
+
+def test_model_options_reach_the_settings() -> None:
+    import argparse
+
+    from flashtts_core.cli.options import add_model_options, settings_kwargs
+    from flashtts_core.config import ServerSettings
+
+    parser = argparse.ArgumentParser()
+    add_model_options(parser)
+    argv = "--engine_option time_step=16 --engine_option dtype=bfloat16 --backend_option num_threads=1 --cpu_threads 3"
+    args = parser.parse_args(argv.split())
+    settings = ServerSettings(**settings_kwargs(args))
+    assert settings.engine_options == {"time_step": "16", "dtype": "bfloat16"}
+    assert settings.backend_options == {"num_threads": "1"}
+    assert settings.cpu_threads == 3 and settings.batch_size == 8

@@ -347,7 +347,9 @@ class LlamaCppRuntime:
         self.n_gpu_layers, main_gpu = _gpu_layers(self.config, self.options)
         self.devices = _devices()
         contexts = min(self.options.contexts, self.config.max_batch_size)
-        self.n_threads = self.options.n_threads or max(1, physical_cores() // contexts)
+        # The option, else the server's CPU share (BackendConfig.cpu_threads), else the physical cores; per context.
+        budget = min(self.config.cpu_threads, physical_cores()) if self.config.cpu_threads else physical_cores()
+        self.n_threads = self.options.n_threads or max(1, budget // contexts)
         n_batch = min(self.options.n_batch, self.max_model_len)
         kwargs: dict[str, Any] = {
             "model_path": str(path),
