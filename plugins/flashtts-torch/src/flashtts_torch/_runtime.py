@@ -201,12 +201,16 @@ def candidate_weights(
     masks = [m for m in alloweds if m is not None]
     if masks:
         if len(masks) == size and all(m is masks[0] for m in masks):
-            allowed = masks[0]  # the usual case: one engine, one shared mask object
+            disallowed = _disallowed(masks[0])  # the usual case: one engine, one shared mask object
         else:
             everything = torch.ones(vocab, dtype=torch.bool, device=device)
-            allowed = torch.stack([everything if m is None else m for m in alloweds])
-        scores = scores.masked_fill(~allowed, _NEG_INF)
-    greedy = scores.argmax(-1)
+            disallowed = ~torch.stack([everything if m is None else m for m in alloweds])
+        scores = scores.masked_fill(disallowed, _NEG_INF)
+    # Only when some row is greedy: a full-vocabulary pass each step otherwise wasted (the sampled rows' picks
+    # overwrite it).
+    greedy = (
+        scores.argmax(-1) if any(s.temperature == 0.0 for s in samplings) else scores.new_zeros(size, dtype=torch.long)
+    )
     plain: list[int] = []
     truncated: list[int] = []
     for row, sampling in enumerate(samplings):
@@ -225,10 +229,12 @@ def candidate_weights(
     if truncated:
         chosen = [samplings[i] for i in truncated]
         rows = _select(scores, truncated, size)
-        rows = rows / _column([s.temperature for s in chosen], rows)
         top_ks = [s.top_k if 0 < s.top_k < vocab else vocab for s in chosen]
         width = max(top_ks)
+        # Top-k first, then the temperature on the K survivors only (a positive scale keeps the order and the
+        # ties, and gives the same quotients as scaling the whole row).
         values, ids = rows.topk(width, dim=-1)  # (b, K), best first
+        values = values / _column([s.temperature for s in chosen], values)
         if any(k < width for k in top_ks):
             kth_best = values.gather(1, torch.tensor(top_ks, device=device)[:, None] - 1)
             values = values.masked_fill(values < kth_best, _NEG_INF)
@@ -246,6 +252,21 @@ def candidate_weights(
             weights = weights.masked_fill(weights < _column([s.min_p for s in chosen], weights), 0.0)
         groups.append((truncated, ids, weights))
     return greedy, groups
+
+
+_DISALLOWED: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _disallowed(allowed: torch.Tensor) -> torch.Tensor:
+    """``~allowed``, computed once per mask object: the engines' masks are cached and reused for every step (the
+    entry keeps the mask alive, so its id cannot be reused while cached; a few masks at most)."""
+    entry = _DISALLOWED.get(id(allowed))
+    if entry is None or entry[0] is not allowed:
+        if len(_DISALLOWED) >= _MAX_CACHED_MASKS:
+            _DISALLOWED.clear()
+        entry = (allowed, ~allowed)
+        _DISALLOWED[id(allowed)] = entry
+    return entry[1]
 
 
 def _select(scores: torch.Tensor, rows: list[int], size: int) -> torch.Tensor:
