@@ -223,6 +223,33 @@ def test_logits_match_transformers(arch: str, request: pytest.FixtureRequest) ->
                 torch.testing.assert_close(logits[i], reference(rows[i]), atol=1e-4, rtol=1e-4)
 
 
+def test_failed_capture_falls_back_to_eager(tiny_qwen2_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A graph capture that raises does not fail the step (nor later ones): the decoder goes on eagerly."""
+    model = _load(tiny_qwen2_dir)
+    with torch.inference_mode():
+        decoder = StaticDecoder(
+            inspect_layout(model, 256),
+            slots=2,
+            cache_len=256,
+            device=torch.device("cpu"),
+            dtype=torch.float32,
+            cuda_graphs=False,
+        )
+        decoder.use_graphs = True  # as on CUDA; the capture itself is made to fail
+
+        def broken_capture(batch: int, columns: int) -> None:
+            raise RuntimeError("capture failed")
+
+        monkeypatch.setattr(decoder, "_capture", broken_capture)
+        prompt = list(PROMPTS[0])
+        decoder.prefill(prompt)
+        decoder.join()
+        logits = decoder.decode([5], [len(prompt)])
+        expected = model(input_ids=torch.tensor([[*prompt, 5]])).logits[0, -1]
+        torch.testing.assert_close(logits[0], expected, atol=1e-4, rtol=1e-4)
+        assert decoder.use_graphs is False and decoder.graphs_captured == 0
+
+
 def test_layout_refusals(tiny_gpt2_dir: Path, tmp_path: Path) -> None:
     with pytest.raises(UnsupportedModelError, match="GPT2LMHeadModel"):
         inspect_layout(_load(tiny_gpt2_dir), 256)

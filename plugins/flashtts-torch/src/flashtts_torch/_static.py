@@ -388,10 +388,22 @@ class StaticDecoder:
         pad = [0] * (padded - size)
         host = torch.tensor([list(ids) + pad, list(positions) + pad], dtype=torch.long)
         self._io[:, :padded].copy_(host)
-        if self.use_graphs:
-            graph = self._graphs.get((padded, columns))
-            if graph is None:
+        graph = self._graphs.get((padded, columns)) if self.use_graphs else None
+        if graph is None and self.use_graphs:
+            try:
                 graph = self._capture(padded, columns)
+            except Exception:
+                # A capture that fails once (out of memory for the graph pool, an op that cannot be captured) would
+                # fail every later step of this bucket: decode eagerly from now on instead of failing requests.
+                logger.warning(
+                    "capturing the decoding step (batch %d, %d columns) failed; decoding eagerly from now on",
+                    padded,
+                    columns,
+                    exc_info=True,
+                )
+                self.use_graphs = False
+                self._graphs.clear()
+        if graph is not None:
             graph.replay()
         else:
             self._step(padded, columns)
