@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
+import tempfile
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -130,9 +132,19 @@ def cpu_thread_split(settings: ServerSettings) -> tuple[int | None, int | None]:
     return (explicit if llm_cpu else None), (explicit if codec_cpu else None)
 
 
-def role_dir_for(plan: Plan) -> Path | None:
+def role_dir_for(plan: Plan, scratch: Path | None = None) -> Path | None:
+    """``--role_dir``, else the engine family's default. A demo of a family without built-in voices (``--demo mega``)
+    gets a copy of its tiny role in ``scratch`` instead, so that it has a voice to speak with."""
     if plan.settings.role_dir is not None:
         return Path(plan.settings.role_dir).expanduser()
+    if plan.settings.demo is not None and scratch is not None:
+        from flashtts_core.testing.checkpoints import demo_roles
+
+        roles = demo_roles(plan.settings.demo)
+        if roles is not None:
+            target = scratch / "roles"
+            shutil.copytree(roles, target)
+            return target
     default = plan.engine_cls.default_role_dir()
     return Path(default) if default is not None else None
 
@@ -181,14 +193,17 @@ async def open_runtime(plan: Plan, *, warmup: bool | None = None) -> AsyncIterat
         ),
         backend,
     )
+    scratch: Path | None = None  # a demo's copy of its roles, removed at exit
     try:
         logger.info("loading the %s backend from %s", backend.name, backend.config.model_dir)
         await backend.startup()
         logger.info("loading the %s engine from %s", engine.name, plan.model_dir)
         await engine.startup()
         info = engine.info
+        if s.demo is not None:
+            scratch = Path(tempfile.mkdtemp(prefix="flashtts-demo-"))
         voices = VoiceStore(
-            role_dir_for(plan) if info.supports_cloning else None,
+            role_dir_for(plan, scratch) if info.supports_cloning else None,
             engine=engine.name,
             fingerprint=engine.fingerprint,
             prepare=engine.prepare_voice,
@@ -204,3 +219,5 @@ async def open_runtime(plan: Plan, *, warmup: bool | None = None) -> AsyncIterat
     finally:
         await engine.shutdown()
         await backend.shutdown()
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)

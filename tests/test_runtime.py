@@ -53,3 +53,19 @@ def test_set_torch_threads_is_per_thread() -> None:
     assert seen == [1, 1]
     if "OpenMP" in torch.__config__.parallel_info():  # per-thread counts; other builds share one
         assert torch.get_num_threads() == before
+
+
+async def test_mega_demo_comes_with_a_role_copied_to_a_scratch_folder() -> None:
+    from flashtts_core.runtime import open_runtime, resolve
+    from flashtts_core.testing.checkpoints import demo_roles
+
+    settings = ServerSettings(demo="mega", llm_device="cpu", tokenizer_device="cpu", detokenizer_device="cpu")
+    async with open_runtime(resolve(settings), warmup=False) as runtime:
+        voices = runtime.service.voices
+        assert voices.names() == ["tiny"]
+        folder = voices.role_dir
+        assert folder is not None and folder.is_dir()
+        cached = demo_roles("mega")
+        assert cached is not None and folder != cached and not folder.is_relative_to(cached)
+    assert not folder.exists()  # the copy goes with the server; the cached original stays
+    assert (cached / "tiny").is_dir()

@@ -15,7 +15,7 @@ from typing import Any
 
 from flashtts_core.testing.cache import cached_build
 
-__all__ = ("FAMILIES", "tiny_checkpoint_dir")
+__all__ = ("FAMILIES", "demo_roles", "tiny_checkpoint_dir")
 
 logger = logging.getLogger(__name__)
 
@@ -64,3 +64,13 @@ def tiny_checkpoint_dir(family: str = "spark", **params: Any) -> Path:
     if builder is None:
         raise ValueError(f"no tiny checkpoint for {family!r}; available: {', '.join(sorted(_FAMILIES))}")
     return builder(**params)
+
+
+def demo_roles(family: str) -> Path | None:
+    """A cached role folder for ``flashtts serve --demo FAMILY`` when the family has no built-in voices (MegaTTS3:
+    one role, ``tiny``, with its wav and latent), else ``None``. Callers copy it before writing to it."""
+    if family != "mega":
+        return None
+    from flashtts_core.testing.tiny_mega import tiny_mega_role_dir
+
+    return tiny_mega_role_dir()
