@@ -189,20 +189,20 @@ def _load(model_dir: Path, dtype: torch.dtype = torch.float32, device: str = "cp
     return AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype).to(device).eval()
 
 
+def _cpu_decoder(model: Any, *, slots: int, cache_len: int) -> StaticDecoder:
+    """A float32 CPU decoder over ``model``'s modules (call under ``torch.inference_mode()``)."""
+    layout = inspect_layout(model, cache_len)
+    cpu = torch.device("cpu")
+    return StaticDecoder(layout, slots=slots, cache_len=cache_len, device=cpu, dtype=torch.float32, cuda_graphs=False)
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_logits_match_transformers(arch: str, request: pytest.FixtureRequest) -> None:
     """Prefill and decoding steps (several rows of different lengths, after a compaction) give the logits of a full
     transformers forward over each row's whole sequence."""
     model = _load(request.getfixturevalue(arch))
     with torch.inference_mode():
-        decoder = StaticDecoder(
-            inspect_layout(model, 512),
-            slots=4,
-            cache_len=512,
-            device=torch.device("cpu"),
-            dtype=torch.float32,
-            cuda_graphs=False,
-        )
+        decoder = _cpu_decoder(model, slots=4, cache_len=512)
 
         def reference(ids: list[int]) -> torch.Tensor:
             return model(input_ids=torch.tensor([ids])).logits[0, -1]
@@ -227,14 +227,7 @@ def test_failed_capture_falls_back_to_eager(tiny_qwen2_dir: Path, monkeypatch: p
     """A graph capture that raises does not fail the step (nor later ones): the decoder goes on eagerly."""
     model = _load(tiny_qwen2_dir)
     with torch.inference_mode():
-        decoder = StaticDecoder(
-            inspect_layout(model, 256),
-            slots=2,
-            cache_len=256,
-            device=torch.device("cpu"),
-            dtype=torch.float32,
-            cuda_graphs=False,
-        )
+        decoder = _cpu_decoder(model, slots=2, cache_len=256)
         decoder.use_graphs = True  # as on CUDA; the capture itself is made to fail
 
         def broken_capture(batch: int, columns: int) -> None:
