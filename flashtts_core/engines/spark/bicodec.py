@@ -128,6 +128,7 @@ class BiCodec:
         model_dir: str | os.PathLike[str],
         device: str | torch.device = "cpu",
         dtype: torch.dtype | str | None = None,
+        wav2vec_attn_implementation: str = "eager",
     ) -> BiCodec:
         """Load from a Spark-TTS root directory (``config.yaml``, ``BiCodec/``, ``wav2vec2-large-xlsr-53/``).
 
@@ -139,7 +140,9 @@ class BiCodec:
         root_config = load_root_config(root / "config.yaml")
         model = load_bicodec_model(root / "BiCodec", device=device, dtype=torch_dtype)
         config = model.config
-        semantic = SparkWav2Vec2Features.from_pretrained(root / "wav2vec2-large-xlsr-53", device, torch_dtype)
+        semantic = SparkWav2Vec2Features.from_pretrained(
+            root / "wav2vec2-large-xlsr-53", device, torch_dtype, attn_implementation=wav2vec_attn_implementation
+        )
         problems = []
         if semantic.hidden_size != config.encoder.input_channels:
             problems.append(

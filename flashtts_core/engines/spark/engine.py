@@ -108,8 +108,8 @@ _BAD_PROMPT = "the voice prompt has no valid Spark tokens; re-add the voice"
 class SparkOptions(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """``--engine_option`` settings of the Spark engine."""
 
-    # wav2vec2 attention kernel (original --wav2vec_attn_implementation). Accepted for compatibility; the feature
-    # extractor picks its own kernel, so this is currently advisory.
+    # wav2vec2 attention kernel of the reference-audio encoder (original --wav2vec_attn_implementation);
+    # flash_attention_2 without the flash-attn package falls back to sdpa with a warning.
     wav2vec_attn_implementation: Literal["eager", "sdpa", "flash_attention_2"] = "eager"
     # Keep the first voice generated for female/male (original --fix_voice), persisted in --state_dir if set.
     fix_voice: bool = False
@@ -177,10 +177,15 @@ class SparkEngine(EngineBase):
         dtype = None if self.config.dtype == "auto" else self.config.dtype
         enc_device = resolve_device(self.config.device)
         dec_device = resolve_device(self.config.detokenizer_device)
-        encoder = await anyio.to_thread.run_sync(BiCodec.from_pretrained, model_dir, enc_device, dtype)
+        attn = self.options.wav2vec_attn_implementation
+
+        def load(device: str) -> BiCodec:
+            return BiCodec.from_pretrained(model_dir, device, dtype, wav2vec_attn_implementation=attn)
+
+        encoder = await anyio.to_thread.run_sync(load, enc_device)
         decoder = encoder
         if dec_device != enc_device:
-            decoder = await anyio.to_thread.run_sync(BiCodec.from_pretrained, model_dir, dec_device, dtype)
+            decoder = await anyio.to_thread.run_sync(load, dec_device)
         tokenizer_file = model_dir / "LLM" / "tokenizer.json"
         tokenizer = await anyio.to_thread.run_sync(
             lambda: SparkTokenizer.from_file(tokenizer_file, global_count=encoder.num_global_tokens)

@@ -104,6 +104,19 @@ def _output_length(length: int, kernels: Sequence[int], strides: Sequence[int]) 
     return length
 
 
+def _build_model(config: Wav2Vec2Config, attn_implementation: str) -> Wav2Vec2Model:
+    """The wav2vec2 trunk on the meta device with the requested attention kernel (``sdpa`` if that one is not
+    usable here)."""
+    for kernel in dict.fromkeys((attn_implementation, "sdpa")):
+        try:
+            config._attn_implementation = kernel
+            with torch.device("meta"):
+                return Wav2Vec2Model(config)
+        except (ImportError, ValueError) as exc:
+            logger.warning("wav2vec2 attention %r is not available (%s); using sdpa", kernel, exc)
+    raise CheckpointError("no usable attention kernel for wav2vec2 (sdpa failed too)")
+
+
 class SparkWav2Vec2Features(nn.Module):
     """wav2vec2 trunk truncated after the last layer Spark reads; returns the averaged semantic features."""
 
@@ -146,8 +159,13 @@ class SparkWav2Vec2Features(nn.Module):
         directory: str | os.PathLike[str],
         device: str | torch.device = "cpu",
         dtype: torch.dtype | None = None,
+        attn_implementation: str = "eager",
     ) -> SparkWav2Vec2Features:
-        """Load ``config.json`` (+ ``preprocessor_config.json`` if present) and the weights of a wav2vec2 folder."""
+        """Load ``config.json`` (+ ``preprocessor_config.json`` if present) and the weights of a wav2vec2 folder.
+
+        ``attn_implementation`` is the transformers attention kernel of the encoder layers (``eager``, ``sdpa``,
+        ``flash_attention_2``); one that cannot be used here (flash-attn not installed) falls back to ``sdpa``
+        with a warning, since the features are the same up to float rounding."""
         directory = Path(directory)
         config_path = directory / "config.json"
         try:
@@ -175,8 +193,7 @@ class SparkWav2Vec2Features(nn.Module):
             do_normalize = bool(pre.get("do_normalize", True))
         weights = _find_weights(directory)
 
-        with torch.device("meta"):
-            model = Wav2Vec2Model(config)
+        model = _build_model(config, attn_implementation)
         full_shapes = {k: tuple(v.shape) for k, v in model.state_dict(keep_vars=True).items()}
         # Keep only the layers that feed hidden_states[16]; the rest are verified and dropped.
         model.encoder.layers = model.encoder.layers[:needed]

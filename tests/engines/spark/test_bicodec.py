@@ -329,3 +329,29 @@ def test_wav2vec_features_match_transformers(tiny_spark_dir: Path, w2v: SparkWav
     for i, n in enumerate(frames):
         torch.testing.assert_close(ours[i, :n], expected[i, :n], rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(ours[i, :n], _features(w2v, waves[i]), rtol=1e-4, atol=1e-5)
+
+
+def test_wav2vec_attention_kernels_agree(tiny_spark_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """--wav2vec_attn_implementation reaches the encoder layers; eager and sdpa give the same features (padded batch
+    included), and flash_attention_2 without the flash-attn package falls back to sdpa with a warning."""
+    import importlib.util
+
+    import torch
+
+    rng = np.random.default_rng(3)
+    wavs = [rng.standard_normal(n).astype(np.float32) * 0.1 for n in (8000, 12000)]
+    features = {}
+    for kernel in ("eager", "sdpa"):
+        extractor = SparkWav2Vec2Features.from_pretrained(tiny_spark_dir / W2V, attn_implementation=kernel)
+        assert extractor.model.config._attn_implementation == kernel
+        with torch.inference_mode():
+            features[kernel], frames = extractor.extract(wavs)
+    for row, count in enumerate(frames):
+        torch.testing.assert_close(features["sdpa"][row, :count], features["eager"][row, :count], atol=1e-4, rtol=1e-4)
+    if importlib.util.find_spec("flash_attn") is None:
+        with caplog.at_level("WARNING"):
+            extractor = SparkWav2Vec2Features.from_pretrained(
+                tiny_spark_dir / W2V, attn_implementation="flash_attention_2"
+            )
+        assert extractor.model.config._attn_implementation == "sdpa"
+        assert "using sdpa" in caplog.text
