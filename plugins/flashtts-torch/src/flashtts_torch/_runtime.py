@@ -38,7 +38,6 @@ import asyncio
 import gc
 import inspect
 import logging
-import os
 import random
 import threading
 from collections import OrderedDict, deque
@@ -57,6 +56,7 @@ from flashtts_core.errors import (
     PluginError,
 )
 from flashtts_core.plugins import BackendConfig, GenerationRequest, QueueItem, SamplingParams, TokenChunk
+from flashtts_core.runtime import available_cpus
 from flashtts_torch.options import DEFAULT_STATIC_CACHE_LEN, TorchOptions
 
 __all__ = (
@@ -328,13 +328,6 @@ def _available_memory() -> int | None:
     return None
 
 
-def _available_cpus() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # macOS, Windows
-        return os.cpu_count() or 1
-
-
 def _resolve_device(name: str) -> torch.device:
     if name == "auto":
         if torch.cuda.is_available():
@@ -589,7 +582,7 @@ class TorchRuntime:
             # else the server's share of the CPU (BackendConfig.cpu_threads), else torch's default capped at the
             # CPUs this process may use (torch counts every core of the machine, which oversubscribes containers).
             self._threads = (
-                self._options.num_threads or self._config.cpu_threads or min(torch.get_num_threads(), _available_cpus())
+                self._options.num_threads or self._config.cpu_threads or min(torch.get_num_threads(), available_cpus())
             )
         # transformers 4.56 renamed from_pretrained's torch_dtype to dtype.
         dtype_kwarg = "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
