@@ -34,7 +34,7 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max_length", type=int, default=32768, help="LLM context length (prompt + generation)")
     g.add_argument("--llm_gpu_memory_utilization", type=float, default=0.6, help="vLLM/SGLang GPU memory share")
     g.add_argument("--torch_dtype", default="auto", choices=("auto", "float16", "bfloat16", "float32"))
-    g.add_argument("--cache_implementation", default=None, help="transformers cache implementation (torch backend)")
+    g.add_argument("--cache_implementation", default=None, help="torch KV cache: auto, static, dynamic")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--batch_size", type=int, default=8, help="dynamic batch size of audio tokenizer/detokenizer")
     g.add_argument("--llm_batch_size", type=int, default=8, help="max concurrent LLM sequences")
