@@ -108,7 +108,8 @@ def test_batched_candidates_match_process_logits(with_allowed: bool) -> None:
         allowed = torch.zeros(VOCAB, dtype=torch.bool)
         allowed[torch.arange(0, VOCAB, 3)] = True
     presences = [presence if s.repetition_penalty != 1.0 else None for s in _BATCH]
-    greedy, groups = candidate_weights(logits, _BATCH, presences, [allowed] * len(_BATCH))
+    disallowed = None if allowed is None else ~allowed
+    greedy, groups = candidate_weights(logits, _BATCH, presences, [disallowed] * len(_BATCH))
     seen = set()
     for rows, ids, weights in groups:
         for j, row in enumerate(rows):

@@ -82,7 +82,7 @@ class SequenceState:
 
     __slots__ = (
         "aborted",
-        "allowed",
+        "disallowed",
         "finished",
         "generator",
         "length",
@@ -112,7 +112,7 @@ class SequenceState:
         self.finished = False
         self.generator: torch.Generator | None = None
         self.presence: torch.Tensor | None = None  # (vocab,) bool: ids seen so far, for repetition_penalty
-        self.allowed: torch.Tensor | None = None  # (vocab,) bool: allowed_token_ids
+        self.disallowed: torch.Tensor | None = None  # (vocab,) bool: True on ids outside allowed_token_ids
         self.length = 0  # real tokens in the KV cache (prompt + fed-back generated ids)
         self.next_token = 0  # sampled, emitted, not yet fed to the model
         self.num_generated = 0
@@ -162,7 +162,8 @@ def sample_next(logits: torch.Tensor, sampling: SamplingParams, sequence: Sequen
     own generator (so a seeded request does not depend on its batch neighbours). Returns a 0-d long tensor; no host
     synchronisation here, the caller fetches all rows at once. The scheduler uses :func:`sample_batch`; this
     one-row version is the reference it is tested against."""
-    scores = process_logits(logits, sampling, sequence.presence, sequence.allowed)
+    allowed = None if sequence.disallowed is None else ~sequence.disallowed
+    scores = process_logits(logits, sampling, sequence.presence, allowed)
     if sampling.temperature == 0.0:
         return scores.argmax()
     return torch.multinomial(scores.softmax(-1), 1, generator=sequence.generator)[0]
@@ -175,16 +176,19 @@ def candidate_weights(
     logits: torch.Tensor,
     samplings: list[SamplingParams],
     presences: list[torch.Tensor | None],
-    alloweds: list[torch.Tensor | None],
+    disalloweds: list[torch.Tensor | None],
 ) -> tuple[torch.Tensor, list[Candidates]]:
     """:func:`process_logits` for a whole batch ``(B, vocab)`` at once.
 
+    ``disalloweds``: per row, ``None`` or a ``(vocab,)`` bool mask that is True on the ids the row may not produce
+    (the complement of ``process_logits``' ``allowed``; rows usually share one cached mask object).
+
     Returns ``(greedy, groups)``: ``greedy`` ``(B,)`` the argmax of the penalised, masked scores (the pick of greedy
-    rows), and for the sampled rows up to two groups ``(rows, ids, weights)``: ``weights`` ``(len(rows), K)`` the
-    unnormalised probabilities ``exp(score - max)`` after temperature/top-k/top-p/min-p (0 on removed ids) and
-    ``ids`` their token ids. Rows with nothing to truncate keep the vocabulary order (``ids`` is ``None``, no sort);
-    the others get their best ``K`` ids sorted by score, ``K`` the largest top-k of the group (the vocabulary if a
-    row has none).
+    rows; zeros when no row is greedy), and for the sampled rows up to two groups ``(rows, ids, weights)``:
+    ``weights`` ``(len(rows), K)`` the unnormalised probabilities ``exp(score - max)`` after
+    temperature/top-k/top-p/min-p (0 on removed ids) and ``ids`` their token ids. Rows with nothing to truncate keep
+    the vocabulary order (``ids`` is ``None``, no sort); the others get their best ``K`` ids sorted by score, ``K``
+    the largest top-k of the group (the vocabulary if a row has none).
 
     A row's weights and their order do not depend on the other rows: every op is row-wise, and where ``K`` varies,
     the extra columns are zeros at the end of the row, which leave its cumulative sums unchanged.
@@ -198,13 +202,13 @@ def candidate_weights(
         presence = torch.stack([no_presence if p is None else p for p in presences])
         penalty = torch.tensor(penalties, dtype=scores.dtype, device=device)[:, None]
         scores = torch.where(presence, torch.where(scores < 0, scores * penalty, scores / penalty), scores)
-    masks = [m for m in alloweds if m is not None]
+    masks = [m for m in disalloweds if m is not None]
     if masks:
         if len(masks) == size and all(m is masks[0] for m in masks):
-            disallowed = _disallowed(masks[0])  # the usual case: one engine, one shared mask object
+            disallowed = masks[0]  # the usual case: one engine, one shared mask object
         else:
-            everything = torch.ones(vocab, dtype=torch.bool, device=device)
-            disallowed = ~torch.stack([everything if m is None else m for m in alloweds])
+            nothing = torch.zeros(vocab, dtype=torch.bool, device=device)
+            disallowed = torch.stack([nothing if m is None else m for m in disalloweds])
         scores = scores.masked_fill(disallowed, _NEG_INF)
     # Only when some row is greedy: a full-vocabulary pass each step otherwise wasted (the sampled rows' picks
     # overwrite it).
@@ -254,21 +258,6 @@ def candidate_weights(
     return greedy, groups
 
 
-_DISALLOWED: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-
-
-def _disallowed(allowed: torch.Tensor) -> torch.Tensor:
-    """``~allowed``, computed once per mask object: the engines' masks are cached and reused for every step (the
-    entry keeps the mask alive, so its id cannot be reused while cached; a few masks at most)."""
-    entry = _DISALLOWED.get(id(allowed))
-    if entry is None or entry[0] is not allowed:
-        if len(_DISALLOWED) >= _MAX_CACHED_MASKS:
-            _DISALLOWED.clear()
-        entry = (allowed, ~allowed)
-        _DISALLOWED[id(allowed)] = entry
-    return entry[1]
-
-
 def _select(scores: torch.Tensor, rows: list[int], size: int) -> torch.Tensor:
     if len(rows) == size:
         return scores
@@ -288,7 +277,7 @@ def sample_batch(logits: torch.Tensor, sequences: list[SequenceState]) -> torch.
         logits,
         [seq.sampling for seq in sequences],
         [seq.presence for seq in sequences],
-        [seq.allowed for seq in sequences],
+        [seq.disallowed for seq in sequences],
     )
     picks = greedy
     for rows, ids, weights in groups:
@@ -506,7 +495,7 @@ class TorchRuntime:
         self._batch: list[SequenceState] = []
         self._decoder: Decoder | None = None
         self._admitting = 0
-        self._allowed_masks: OrderedDict[frozenset[int], torch.Tensor] = OrderedDict()
+        self._disallowed_masks: OrderedDict[frozenset[int], torch.Tensor] = OrderedDict()
         # Items emitted during the current scheduler iteration, handed to the event loops by _flush.
         self._outbox: list[tuple[SequenceState, QueueItem]] = []
         # Seeds for requests without one: reproducible per server run when config.seed is set.
@@ -709,7 +698,7 @@ class TorchRuntime:
         if self._decoder is not None:
             self._decoder.close()
             self._decoder = None
-        self._allowed_masks.clear()
+        self._disallowed_masks.clear()
         self._model = None
         gc.collect()
         if self.device.type == "cuda":
@@ -782,7 +771,7 @@ class TorchRuntime:
             presence[torch.tensor(sequence.prompt, device=device)] = True
             sequence.presence = presence
         if sampling.allowed_token_ids is not None:
-            sequence.allowed = self._allowed_mask(sampling.allowed_token_ids)
+            sequence.disallowed = self._disallowed_mask(sampling.allowed_token_ids)
         logits = self._decoder.prefill(sequence.prompt)  # (1, vocab)
         sequence.length = len(sequence.prompt)
         token = int(sample_batch(logits, [sequence])[0])
@@ -832,18 +821,18 @@ class TorchRuntime:
         order = self._decoder.drop(rows)
         self._batch = [self._batch[i] for i in order]
 
-    def _allowed_mask(self, allowed: frozenset[int]) -> torch.Tensor:
-        """(vocab,) bool mask, cached per set: engines pass the same frozenset object with every request, so the
-        lookup is an identity hit and the mask is built once."""
-        mask = self._allowed_masks.get(allowed)
+    def _disallowed_mask(self, allowed: frozenset[int]) -> torch.Tensor:
+        """(vocab,) bool mask, True outside ``allowed``, cached per set: engines pass the same frozenset object with
+        every request, so the lookup is an identity hit, the mask is built once and shared by every row."""
+        mask = self._disallowed_masks.get(allowed)
         if mask is None:
-            mask = torch.zeros(self.vocab_size, dtype=torch.bool, device=self.device)
-            mask[torch.tensor(sorted(allowed), dtype=torch.long, device=self.device)] = True
-            self._allowed_masks[allowed] = mask
-            if len(self._allowed_masks) > _MAX_CACHED_MASKS:
-                self._allowed_masks.popitem(last=False)
+            mask = torch.ones(self.vocab_size, dtype=torch.bool, device=self.device)
+            mask[torch.tensor(sorted(allowed), dtype=torch.long, device=self.device)] = False
+            self._disallowed_masks[allowed] = mask
+            if len(self._disallowed_masks) > _MAX_CACHED_MASKS:
+                self._disallowed_masks.popitem(last=False)
         else:
-            self._allowed_masks.move_to_end(allowed)
+            self._disallowed_masks.move_to_end(allowed)
         return mask
 
     # --- hand-off to the event loop --------------------------------------------------------------------------
