@@ -100,8 +100,9 @@ def available_cpus() -> int:
         return os.cpu_count() or 1
 
 
-def _on_cpu(device: str) -> bool:
-    """Whether a device setting puts torch work on the CPU (``auto`` does when torch sees no accelerator)."""
+def _llm_on_cpu(device: str) -> bool:
+    """Whether ``--llm_device`` puts the LLM on the CPU: ``auto`` does when torch sees neither CUDA nor MPS (the
+    torch backend's own resolution)."""
     if device == "cpu":
         return True
     if device != "auto":
@@ -114,6 +115,17 @@ def _on_cpu(device: str) -> bool:
     return not torch.cuda.is_available() and not (mps is not None and mps.is_available())
 
 
+def _codec_on_cpu(device: str) -> bool:
+    """Whether a tokenizer/detokenizer device setting puts codec work on the CPU, resolved as the engines resolve
+    it (:func:`flashtts_core.engines.common.resolve_device`), so the split cannot disagree with where they run."""
+    from flashtts_core.engines.common import resolve_device
+
+    try:
+        return resolve_device(device) == "cpu"
+    except ImportError:  # no torch: no torch codec either
+        return False
+
+
 def cpu_thread_split(settings: ServerSettings) -> tuple[int | None, int | None]:
     """Intra-op threads of the LLM backend and of the engine's codec work: ``None`` leaves a runtime's default.
 
@@ -123,8 +135,8 @@ def cpu_thread_split(settings: ServerSettings) -> tuple[int | None, int | None]:
     budget (``--cpu_threads``, default: the CPUs this process may use), the LLM taking the larger half. When only
     one of them is on the CPU it gets an explicit ``--cpu_threads`` whole, or keeps its runtime's default."""
     total = settings.cpu_threads or available_cpus()
-    llm_cpu = _on_cpu(settings.llm_device)
-    codec_cpu = _on_cpu(settings.detokenizer_device) or _on_cpu(settings.tokenizer_device)
+    llm_cpu = _llm_on_cpu(settings.llm_device)
+    codec_cpu = _codec_on_cpu(settings.detokenizer_device) or _codec_on_cpu(settings.tokenizer_device)
     if llm_cpu and codec_cpu:
         llm = (total + 1) // 2 if total > 1 else 1
         return llm, max(1, total - llm)
