@@ -13,9 +13,10 @@ from flashtts_core.plugins import BackendBase, BackendConfig
 from flashtts_core.testing.conformance import BackendConformance, generate, make_request
 
 # One intra-op thread: the tiny models are overhead-bound, and the CI box has two cores shared with other jobs.
-# The CPU classes pin the dynamic path (auto would pick the static one here); the static path's conformance
-# classes are in test_torch_static.py.
-_OPTIONS = {"num_threads": 1, "cache_implementation": "dynamic"}
+# The CPU classes pin the dynamic path (auto would pick the static one here) and the in-process scheduler (auto would
+# pick the worker process, whose counters these tests read through the process boundary otherwise); the static
+# path's conformance classes are in test_torch_static.py, the worker process's in test_torch_process.py.
+_OPTIONS = {"num_threads": 1, "cache_implementation": "dynamic", "worker": "thread"}
 
 
 def _config(model_dir: Path, **overrides: object) -> BackendConfig:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from flashtts_torch._runtime import SequenceState, candidate_weights, process_logits, sample_batch
+from flashtts_torch._runtime import SequenceState, VocabSubset, candidate_weights, process_logits, sample_batch
 from transformers.generation.logits_process import (
     MinPLogitsWarper,
     RepetitionPenaltyLogitsProcessor,
@@ -152,3 +152,27 @@ def test_batched_sampling_follows_the_distribution() -> None:
         counts[1, picks[1]] += 1
     expected = torch.stack([logits[0].softmax(-1), logits[0].masked_fill(logits[0] < 1.0, _NEG).softmax(-1)])
     torch.testing.assert_close(counts / 4000, expected, atol=0.03, rtol=0)
+
+
+def test_vocab_subset_draws_what_the_masked_vocabulary_draws() -> None:
+    """Logits over a shared allowed subset (``VocabSubset``) give, row by row and seed by seed, the ids the full
+    vocabulary with the allowed mask gives: same greedy pick, same draws, repetition penalty included."""
+    allowed_ids = torch.arange(1, VOCAB, 4)  # ascending, as the runtime builds them
+    disallowed = torch.ones(VOCAB, dtype=torch.bool)
+    disallowed[allowed_ids] = False
+    subset = VocabSubset(allowed_ids, VOCAB)
+    presence = torch.zeros(VOCAB, dtype=torch.bool)
+    presence[torch.tensor([1, 5, 9, 40])] = True
+    generator = torch.Generator().manual_seed(3)
+    # + a top-k above the subset's size: it truncates (sorts) the vocabulary, so the subset is sorted too.
+    batch = [*_BATCH, SamplingParams(temperature=1.0, top_k=30)]
+    steps = [torch.randn(len(batch), VOCAB, generator=generator) * 3 for _ in range(30)]
+    full = [_sequence(s, 50 + i, presence.clone()) for i, s in enumerate(batch)]
+    narrow = [_sequence(s, 50 + i, presence.clone()) for i, s in enumerate(batch)]
+    for sequence in full:
+        sequence.disallowed = disallowed
+    for step in steps:
+        full_ids = sample_batch(step, full).tolist()
+        narrow_ids = sample_batch(step.index_select(1, allowed_ids), narrow, subset).tolist()
+        assert narrow_ids == full_ids
+        assert set(narrow_ids) <= set(allowed_ids.tolist())

@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 import torch
 from flashtts_torch import TorchBackend
+from flashtts_torch._runtime import DynamicDecoder
 from flashtts_torch._static import (
     MIN_LENGTH_BUCKET,
     StaticDecoder,
@@ -31,7 +32,9 @@ from flashtts_core.plugins.streams import token_stream
 from flashtts_core.testing.conformance import BackendConformance, generate, make_request
 
 # One intra-op thread: the tiny models are overhead-bound, and the CI box has two cores shared with other jobs.
-_CPU = {"num_threads": 1}
+# In-process scheduler: these tests look into the runtime (its decoder, counters, monkeypatched helpers); the worker
+# process is covered by test_torch_process.py.
+_CPU = {"num_threads": 1, "worker": "thread"}
 
 # Prompts of different lengths; the longest generations below cross the first length bucket (256 columns).
 PROMPTS: tuple[tuple[int, ...], ...] = (
@@ -221,6 +224,31 @@ def test_logits_match_transformers(arch: str, request: pytest.FixtureRequest) ->
             for i, token in enumerate(feed):
                 rows[i].append(token)
                 torch.testing.assert_close(logits[i], reference(rows[i]), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("decoder_kind", ["static", "dynamic"])
+def test_vocab_subset_logits_are_the_full_logits_at_those_ids(decoder_kind: str, tiny_qwen2_dir: Path) -> None:
+    """Prefill and decode over a vocabulary subset give the full logits' columns at the subset's ids (the static
+    path projects with the subset's rows of lm_head, the dynamic one slices)."""
+    model = _load(tiny_qwen2_dir)
+    ids = torch.arange(3, model.config.vocab_size, 5)
+    with torch.inference_mode():
+        cpu = torch.device("cpu")
+        static = decoder_kind == "static"
+        decoder: Any = _cpu_decoder(model, slots=2, cache_len=256) if static else DynamicDecoder(model, cpu)
+        subset = decoder.vocab_subset(ids)
+        assert subset.vocab_size == model.config.vocab_size
+        rows = [list(PROMPTS[0]), list(PROMPTS[1])]
+        for prompt in rows:
+            logits = decoder.prefill(prompt, subset)
+            full = model(input_ids=torch.tensor([prompt])).logits[0, -1]
+            assert logits.shape == (1, len(ids))
+            torch.testing.assert_close(logits[0], full[ids], atol=1e-4, rtol=1e-4)
+            decoder.join()
+        logits = decoder.decode([5, 6], [len(r) for r in rows], subset)
+        for i, token in enumerate((5, 6)):
+            full = model(input_ids=torch.tensor([[*rows[i], token]])).logits[0, -1]
+            torch.testing.assert_close(logits[i], full[ids], atol=1e-4, rtol=1e-4)
 
 
 def test_failed_capture_falls_back_to_eager(tiny_qwen2_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:

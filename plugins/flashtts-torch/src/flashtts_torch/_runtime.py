@@ -41,7 +41,7 @@ import logging
 import random
 import threading
 from collections import OrderedDict, deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -74,17 +74,25 @@ logger = logging.getLogger(__name__)
 
 _NEG_INF = float("-inf")
 _MAX_CACHED_MASKS = 32
+# Allowed-id sets of at most this share of the vocabulary get logits of their own (VocabSubset); a few are kept (each
+# may hold a copy of its rows of the output projection).
+_SUBSET_SHARE = 0.9
+_MAX_CACHED_SUBSETS = 4
 
 
 class SequenceState:
     """One request's state. Written by the worker thread; ``aborted`` is also set by the event loop (a plain
-    attribute write, atomic under the GIL, read by the worker before each step)."""
+    attribute write, atomic under the GIL, read by the worker before each step).
+
+    ``loop``/``queue`` are where the scheduler delivers the request's items in-process; a sequence submitted by the
+    worker process (:mod:`flashtts_torch._worker`) has neither, and ``key`` names it to the parent process."""
 
     __slots__ = (
         "aborted",
         "disallowed",
         "finished",
         "generator",
+        "key",
         "length",
         "loop",
         "next_token",
@@ -96,11 +104,18 @@ class SequenceState:
         "sampling",
         "seed",
         "stop_ids",
+        "vocab",
     )
 
     def __init__(
-        self, request: GenerationRequest, seed: int, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue[QueueItem]
+        self,
+        request: GenerationRequest,
+        seed: int,
+        loop: asyncio.AbstractEventLoop | None,
+        queue: asyncio.Queue[QueueItem] | None,
+        key: int = -1,
     ) -> None:
+        self.key = key
         self.request_id = request.request_id
         self.prompt = request.prompt_token_ids
         self.sampling = request.sampling
@@ -113,9 +128,39 @@ class SequenceState:
         self.generator: torch.Generator | None = None
         self.presence: torch.Tensor | None = None  # (vocab,) bool: ids seen so far, for repetition_penalty
         self.disallowed: torch.Tensor | None = None  # (vocab,) bool: True on ids outside allowed_token_ids
+        self.vocab: VocabSubset | None = None  # allowed_token_ids as a smaller vocabulary, when it is worth one
         self.length = 0  # real tokens in the KV cache (prompt + fed-back generated ids)
         self.next_token = 0  # sampled, emitted, not yet fed to the model
         self.num_generated = 0
+
+
+class VocabSubset:
+    """A request's allowed ids as a vocabulary of their own: the decoder computes logits for these ids only
+    (``(rows, n)`` instead of ``(rows, vocab)``) and the sampler maps its picks back through ``ids``.
+
+    ``ids`` ``(n,)`` long, ascending. ``weight`` ``(n, hidden)`` / ``bias`` ``(n,)``: the output projection's rows
+    for those ids, or ``weight`` ``None`` where the decoder slices full logits instead (it saves the sampling work,
+    not the projection). Rows of a batch share a subset object or the step uses the full vocabulary."""
+
+    __slots__ = ("bias", "ids", "vocab_size", "weight")
+
+    def __init__(
+        self,
+        ids: torch.Tensor,
+        vocab_size: int,
+        weight: torch.Tensor | None = None,
+        bias: torch.Tensor | None = None,
+    ) -> None:
+        self.ids = ids
+        self.vocab_size = vocab_size  # of the model, which the subset is part of
+        self.weight = weight
+        self.bias = bias
+
+    def project(self, hidden: torch.Tensor, lm_head: Any) -> torch.Tensor:
+        """Logits of ``hidden`` ``(rows, hidden)`` over the subset: ``(rows, n)``."""
+        if self.weight is None:
+            return lm_head(hidden).index_select(-1, self.ids)
+        return F.linear(hidden, self.weight, self.bias)
 
 
 def process_logits(
@@ -177,6 +222,7 @@ def candidate_weights(
     samplings: list[SamplingParams],
     presences: list[torch.Tensor | None],
     disalloweds: list[torch.Tensor | None],
+    vocab_size: int | None = None,
 ) -> tuple[torch.Tensor, list[Candidates]]:
     """:func:`process_logits` for a whole batch ``(B, vocab)`` at once.
 
@@ -192,6 +238,9 @@ def candidate_weights(
 
     A row's weights and their order do not depend on the other rows: every op is row-wise, and where ``K`` varies,
     the extra columns are zeros at the end of the row, which leave its cumulative sums unchanged.
+
+    ``vocab_size``: the model's vocabulary when ``logits`` covers a subset of it (a top-k that truncates the model's
+    vocabulary truncates, i.e. sorts, the subset too, so that a row draws the same ids either way).
     """
     scores = logits.float()
     size, vocab = scores.shape
@@ -215,12 +264,13 @@ def candidate_weights(
     greedy = (
         scores.argmax(-1) if any(s.temperature == 0.0 for s in samplings) else scores.new_zeros(size, dtype=torch.long)
     )
+    full_vocab = vocab_size or vocab
     plain: list[int] = []
     truncated: list[int] = []
     for row, sampling in enumerate(samplings):
         if sampling.temperature == 0.0:
             continue
-        if 0 < sampling.top_k < vocab or sampling.top_p < 1.0 or sampling.min_p > 0.0:
+        if 0 < sampling.top_k < full_vocab or sampling.top_p < 1.0 or sampling.min_p > 0.0:
             truncated.append(row)
         else:
             plain.append(row)
@@ -233,7 +283,7 @@ def candidate_weights(
     if truncated:
         chosen = [samplings[i] for i in truncated]
         rows = _select(scores, truncated, size)
-        top_ks = [s.top_k if 0 < s.top_k < vocab else vocab for s in chosen]
+        top_ks = [min(s.top_k, vocab) if 0 < s.top_k < full_vocab else vocab for s in chosen]
         width = max(top_ks)
         # Top-k first, then the temperature on the K survivors only (a positive scale keeps the order and the
         # ties, and gives the same quotients as scaling the whole row).
@@ -268,17 +318,35 @@ def _column(values: list[float], like: torch.Tensor) -> torch.Tensor:
     return torch.tensor(values, dtype=like.dtype, device=like.device)[:, None]
 
 
-def sample_batch(logits: torch.Tensor, sequences: list[SequenceState]) -> torch.Tensor:
+def sample_batch(
+    logits: torch.Tensor, sequences: list[SequenceState], vocab: VocabSubset | None = None
+) -> torch.Tensor:
     """Pick one id per row of ``logits`` ``(B, vocab)``; returns ``(B,)`` long, no host synchronisation.
 
     Greedy rows take the argmax. Sampled rows draw by inverse CDF with one uniform number from their own generator,
-    so a seeded request gets the same ids whatever its batch neighbours are."""
-    greedy, groups = candidate_weights(
-        logits,
-        [seq.sampling for seq in sequences],
-        [seq.presence for seq in sequences],
-        [seq.disallowed for seq in sequences],
-    )
+    so a seeded request gets the same ids whatever its batch neighbours are.
+
+    With ``vocab``, ``logits`` is ``(B, n)`` over the subset every row shares (its allowed ids, so no mask is
+    applied) and the picks are mapped back to vocabulary ids."""
+    if vocab is None:
+        presences = [seq.presence for seq in sequences]
+        disalloweds = [seq.disallowed for seq in sequences]
+    else:
+        presences = [None if seq.presence is None else seq.presence.index_select(0, vocab.ids) for seq in sequences]
+        disalloweds = [None] * len(sequences)
+    picks = _sample_rows(logits, sequences, presences, disalloweds, None if vocab is None else vocab.vocab_size)
+    return picks if vocab is None else vocab.ids.index_select(0, picks)
+
+
+def _sample_rows(
+    logits: torch.Tensor,
+    sequences: list[SequenceState],
+    presences: list[torch.Tensor | None],
+    disalloweds: list[torch.Tensor | None],
+    vocab_size: int | None,
+) -> torch.Tensor:
+    samplings = [seq.sampling for seq in sequences]
+    greedy, groups = candidate_weights(logits, samplings, presences, disalloweds, vocab_size)
     picks = greedy
     for rows, ids, weights in groups:
         draws = torch.cat([torch.rand(1, generator=sequences[i].generator, device=weights.device) for i in rows])
@@ -294,9 +362,14 @@ def sample_batch(logits: torch.Tensor, sequences: list[SequenceState]) -> torch.
     return picks
 
 
+#: Receives one scheduler iteration's ``(sequence, item)`` pairs (see :attr:`TorchRuntime.step_listener`).
+StepListener = Callable[[list[tuple["SequenceState", QueueItem]]], None]
+
+
 def _deliver(items: list[tuple[SequenceState, QueueItem]]) -> None:
     """Runs on the consumer's event loop: put a scheduler step's items into their queues, in order."""
     for sequence, item in items:
+        assert sequence.queue is not None
         sequence.queue.put_nowait(item)
 
 
@@ -360,16 +433,22 @@ class Decoder(Protocol):
     #: Most tokens (prompt + generated) a sequence may hold, or ``None`` when only ``max_model_len`` limits it.
     capacity: int | None
 
-    def prefill(self, prompt: Sequence[int]) -> torch.Tensor:
-        """Run one prompt alone and keep its cache aside; returns the last position's logits ``(1, vocab)``."""
+    def prefill(self, prompt: Sequence[int], vocab: VocabSubset | None = None) -> torch.Tensor:
+        """Run one prompt alone and keep its cache aside; returns the last position's logits ``(1, vocab)`` (over
+        ``vocab`` when given: ``(1, n)``)."""
         ...
 
     def join(self) -> None:
         """Append the last prefilled sequence to the batch as its last row."""
         ...
 
-    def decode(self, ids: Sequence[int], positions: Sequence[int]) -> torch.Tensor:
-        """One step: row ``i`` feeds ``ids[i]`` at ``positions[i]``; returns next-token logits ``(rows, vocab)``."""
+    def decode(self, ids: Sequence[int], positions: Sequence[int], vocab: VocabSubset | None = None) -> torch.Tensor:
+        """One step: row ``i`` feeds ``ids[i]`` at ``positions[i]``; returns next-token logits ``(rows, vocab)``
+        (over ``vocab`` when given: ``(rows, n)``)."""
+        ...
+
+    def vocab_subset(self, ids: torch.Tensor) -> VocabSubset:
+        """A subset of the vocabulary (``ids`` ``(n,)`` ascending) that prefill/decode can compute logits for."""
         ...
 
     def drop(self, rows: Sequence[int]) -> list[int]:
@@ -395,6 +474,8 @@ class DynamicDecoder:
 
         self._model = model
         self._device = device
+        output = model.get_output_embeddings()
+        self._vocab_size = int(output.weight.shape[0]) if output is not None else int(model.config.vocab_size)
         # transformers 5.2x renamed forward's past_key_values to cache (5.24 still takes the old name, with a
         # FutureWarning); use whichever this model's forward declares.
         params = inspect.signature(type(model).forward).parameters
@@ -411,12 +492,17 @@ class DynamicDecoder:
         returned = getattr(output, self._cache_kwarg, None)
         return output.logits, (cache if returned is None else returned)
 
-    def prefill(self, prompt: Sequence[int]) -> torch.Tensor:
+    def vocab_subset(self, ids: torch.Tensor) -> VocabSubset:
+        """The model's forward computes every logit; the subset only narrows what the sampler sees."""
+        return VocabSubset(ids, self._vocab_size)
+
+    def prefill(self, prompt: Sequence[int], vocab: VocabSubset | None = None) -> torch.Tensor:
         input_ids = torch.tensor([list(prompt)], dtype=torch.long, device=self._device)  # (1, prompt)
         extra = {self._keep_kwarg: 1} if self._keep_kwarg else {}
         logits, cache = self._forward(input_ids, self._cache_cls(), **extra)  # logits (1, 1|prompt, vocab)
         self._pending = (cache, len(prompt))
-        return logits[:, -1]
+        last = logits[:, -1]
+        return last if vocab is None else last.index_select(-1, vocab.ids)
 
     def join(self) -> None:
         """Merge the prefilled sequence's cache ``(1, heads, prompt, dim)`` into the batch cache, left-padding
@@ -441,7 +527,7 @@ class DynamicDecoder:
         new_mask = F.pad(torch.ones(1, length, dtype=torch.long, device=self._device), (pad_new, 0))
         self._mask = torch.cat([F.pad(self._mask, (pad_old, 0)), new_mask])
 
-    def decode(self, ids: Sequence[int], positions: Sequence[int]) -> torch.Tensor:
+    def decode(self, ids: Sequence[int], positions: Sequence[int], vocab: VocabSubset | None = None) -> torch.Tensor:
         assert self._mask is not None
         size = len(ids)
         input_ids = torch.tensor([[i] for i in ids], dtype=torch.long, device=self._device)  # (B, 1)
@@ -450,7 +536,8 @@ class DynamicDecoder:
         logits, self._cache = self._forward(
             input_ids, self._cache, attention_mask=self._mask, position_ids=position_ids
         )  # logits (B, 1, vocab)
-        return logits[:, -1, :]
+        last = logits[:, -1, :]
+        return last if vocab is None else last.index_select(-1, vocab.ids)
 
     def drop(self, rows: Sequence[int]) -> list[int]:
         """Remove rows (the others keep their order) and trim leading columns that are padding in every row left."""
@@ -496,6 +583,7 @@ class TorchRuntime:
         self._decoder: Decoder | None = None
         self._admitting = 0
         self._disallowed_masks: OrderedDict[frozenset[int], torch.Tensor] = OrderedDict()
+        self._vocab_subsets: OrderedDict[frozenset[int], VocabSubset | None] = OrderedDict()
         # Items emitted during the current scheduler iteration, handed to the event loops by _flush.
         self._outbox: list[tuple[SequenceState, QueueItem]] = []
         # Seeds for requests without one: reproducible per server run when config.seed is set.
@@ -509,6 +597,9 @@ class TorchRuntime:
         self.cache_implementation = "dynamic"  # the decoding path in use: "dynamic" or "static"
         self.cuda_graphs = False  # whether the static path replays CUDA graphs
         self.path_description = ""  # one line: the path and why (logged at load, printed by benchmarks)
+        # Set by the worker process: receives every scheduler iteration's items (possibly none) in place of the
+        # per-loop hand-off, on the scheduler thread (and once more from close).
+        self.step_listener: StepListener | None = None
 
     @property
     def graphs_captured(self) -> int:
@@ -527,10 +618,23 @@ class TorchRuntime:
 
     def submit(self, request: GenerationRequest, loop: asyncio.AbstractEventLoop) -> SequenceState:
         """Queue a request for the worker; never blocks and never refuses for load (the queue is unbounded)."""
+        return self._enqueue(request, loop, asyncio.Queue())
+
+    def submit_detached(self, request: GenerationRequest, key: int) -> SequenceState:
+        """Queue a request whose items go to :attr:`step_listener` (the worker process), named there by ``key``."""
+        return self._enqueue(request, None, None, key)
+
+    def _enqueue(
+        self,
+        request: GenerationRequest,
+        loop: asyncio.AbstractEventLoop | None,
+        queue: asyncio.Queue[QueueItem] | None,
+        key: int = -1,
+    ) -> SequenceState:
         seed = request.sampling.seed
         if seed is None:
             seed = self._seed_rng.getrandbits(63)
-        sequence = SequenceState(request, seed, loop, asyncio.Queue())
+        sequence = SequenceState(request, seed, loop, queue, key)
         with self._cond:
             if self._closing or self._thread is None:
                 raise BackendNotReadyError("the torch backend is shutting down")
@@ -699,6 +803,7 @@ class TorchRuntime:
             self._decoder.close()
             self._decoder = None
         self._disallowed_masks.clear()
+        self._vocab_subsets.clear()
         self._model = None
         gc.collect()
         if self.device.type == "cuda":
@@ -772,9 +877,10 @@ class TorchRuntime:
             sequence.presence = presence
         if sampling.allowed_token_ids is not None:
             sequence.disallowed = self._disallowed_mask(sampling.allowed_token_ids)
-        logits = self._decoder.prefill(sequence.prompt)  # (1, vocab)
+            sequence.vocab = self._vocab_subset(sampling.allowed_token_ids)
+        logits = self._decoder.prefill(sequence.prompt, sequence.vocab)  # (1, vocab | subset)
         sequence.length = len(sequence.prompt)
-        token = int(sample_batch(logits, [sequence])[0])
+        token = int(sample_batch(logits, [sequence], sequence.vocab)[0])
         if self._accept(sequence, token):
             self._decoder.join()
             self._batch.append(sequence)
@@ -783,8 +889,13 @@ class TorchRuntime:
         assert self._decoder is not None
         batch = self._batch
         self.peak_batch = max(self.peak_batch, len(batch))
-        logits = self._decoder.decode([seq.next_token for seq in batch], [seq.length for seq in batch])  # (B, vocab)
-        picks = sample_batch(logits, batch).tolist()
+        # Every row restricted to the same allowed ids (one engine's requests): logits for those ids only.
+        vocab = batch[0].vocab
+        if vocab is not None and any(seq.vocab is not vocab for seq in batch):
+            vocab = None
+        tokens, lengths = [seq.next_token for seq in batch], [seq.length for seq in batch]
+        logits = self._decoder.decode(tokens, lengths, vocab)  # (B, vocab | subset)
+        picks = sample_batch(logits, batch, vocab).tolist()
         done: list[int] = []
         for i, (sequence, token) in enumerate(zip(batch, picks, strict=True)):
             sequence.length += 1
@@ -835,6 +946,22 @@ class TorchRuntime:
             self._disallowed_masks.move_to_end(allowed)
         return mask
 
+    def _vocab_subset(self, allowed: frozenset[int]) -> VocabSubset | None:
+        """The decoder's subset for ``allowed``, cached per set like the masks; ``None`` when the set covers most of
+        the vocabulary (gathering would cost more than it saves)."""
+        if allowed in self._vocab_subsets:
+            self._vocab_subsets.move_to_end(allowed)
+            return self._vocab_subsets[allowed]
+        subset = None
+        if len(allowed) <= _SUBSET_SHARE * self.vocab_size:
+            assert self._decoder is not None
+            ids = torch.tensor(sorted(allowed), dtype=torch.long, device=self.device)
+            subset = self._decoder.vocab_subset(ids)
+        self._vocab_subsets[allowed] = subset
+        if len(self._vocab_subsets) > _MAX_CACHED_SUBSETS:
+            self._vocab_subsets.popitem(last=False)
+        return subset
+
     # --- hand-off to the event loop --------------------------------------------------------------------------
 
     def _emit(self, sequence: SequenceState, item: QueueItem) -> None:
@@ -845,8 +972,12 @@ class TorchRuntime:
         """Hand this iteration's items over with one ``call_soon_threadsafe`` per event loop (one wake-up per step,
         not one per token per row)."""
         outbox, self._outbox = self._outbox, []
+        if self.step_listener is not None:
+            self.step_listener(outbox)
+            return
         by_loop: dict[asyncio.AbstractEventLoop, list[tuple[SequenceState, QueueItem]]] = {}
         for sequence, item in outbox:
+            assert sequence.loop is not None
             by_loop.setdefault(sequence.loop, []).append((sequence, item))
         for loop, items in by_loop.items():
             try:

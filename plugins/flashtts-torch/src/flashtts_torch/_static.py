@@ -40,6 +40,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from flashtts_torch._runtime import VocabSubset
+
 __all__ = (
     "MIN_LENGTH_BUCKET",
     "SUPPORTED_ARCHITECTURES",
@@ -104,6 +106,7 @@ class ModelLayout:
     heads: int
     kv_heads: int
     head_dim: int
+    hidden_size: int
     vocab_size: int
 
 
@@ -213,6 +216,9 @@ def inspect_layout(model: nn.Module, cache_len: int) -> ModelLayout:
     if vocab_size is None:
         raise UnsupportedModelError("cannot read the vocabulary size from lm_head")
     heads, kv_heads, head_dim = shape
+    embed_weight = getattr(inner.embed_tokens, "weight", None)
+    if not isinstance(embed_weight, torch.Tensor) or embed_weight.dim() != 2:
+        raise UnsupportedModelError("cannot read the hidden size from model.embed_tokens")
     return ModelLayout(
         embed=inner.embed_tokens,
         layers=tuple(layers),
@@ -222,6 +228,7 @@ def inspect_layout(model: nn.Module, cache_len: int) -> ModelLayout:
         heads=heads,
         kv_heads=kv_heads,
         head_dim=head_dim,
+        hidden_size=int(embed_weight.shape[1]),
         vocab_size=vocab_size,
     )
 
@@ -308,7 +315,9 @@ class StaticDecoder:
         self._columns = torch.arange(cache_len, device=device)
         # Static step inputs: row 0 the ids, row 1 the positions (the column each row's token goes to).
         self._io = torch.zeros((2, slots), dtype=torch.long, device=device)
-        self._logits = torch.zeros((slots, layout.vocab_size), dtype=dtype, device=device)
+        # The step's output: the final-normed hidden state of each row (the output projection runs after the step,
+        # over the whole vocabulary or a request's allowed ids, so that one captured graph serves both).
+        self._hidden = torch.zeros((slots, layout.hidden_size), dtype=dtype, device=device)
         self._lengths: list[int] = []  # tokens in the cache of each active row (row i = slot i)
         self._pending: int | None = None  # prompt length of a prefilled, not yet joined sequence
         self._graphs: dict[tuple[int, int], Any] = {}
@@ -335,9 +344,25 @@ class StaticDecoder:
 
     # --- scheduler interface ---------------------------------------------------------------------------------
 
-    def prefill(self, prompt: Sequence[int]) -> torch.Tensor:
+    def vocab_subset(self, ids: torch.Tensor) -> VocabSubset:
+        """``ids`` as a vocabulary of their own, with a copy of their rows of the output projection (``lm_head`` of
+        another kind than a plain linear layer: full logits, then sliced)."""
+        lm_head = self._layout.lm_head
+        vocab_size = self._layout.vocab_size
+        if not isinstance(lm_head, nn.Linear):
+            return VocabSubset(ids, vocab_size)
+        bias = None if lm_head.bias is None else lm_head.bias.index_select(0, ids)
+        return VocabSubset(ids, vocab_size, lm_head.weight.index_select(0, ids), bias)
+
+    def _project(self, hidden: torch.Tensor, vocab: VocabSubset | None) -> torch.Tensor:
+        """Logits of final-normed hidden states ``(rows, hidden)``: ``(rows, vocab)``, or ``(rows, n)``."""
+        if vocab is None:
+            return self._layout.lm_head(hidden)
+        return vocab.project(hidden, self._layout.lm_head)
+
+    def prefill(self, prompt: Sequence[int], vocab: VocabSubset | None = None) -> torch.Tensor:
         """Run ``prompt`` (``S`` ids) alone, write its keys/values into slot ``num_rows`` at columns ``0..S-1``;
-        returns the logits of its last position, ``(1, vocab)``."""
+        returns the logits of its last position, ``(1, vocab)`` (over ``vocab`` when given: ``(1, n)``)."""
         size = len(prompt)
         slot = len(self._lengths)
         if size > self.capacity:
@@ -367,7 +392,7 @@ class StaticDecoder:
             x = x + layer.o_proj(attn.transpose(1, 2).reshape(1, size, layout.heads * layout.head_dim))
             x = x + layer.mlp(layer.post_norm(x))
         self._pending = size
-        return layout.lm_head(layout.norm(x[:, -1]))  # (1, vocab)
+        return self._project(layout.norm(x[:, -1]), vocab)  # (1, vocab | n)
 
     def join(self) -> None:
         """Make the last prefilled sequence the batch's last row (it already sits in that slot)."""
@@ -375,9 +400,10 @@ class StaticDecoder:
         self._lengths.append(self._pending)
         self._pending = None
 
-    def decode(self, ids: Sequence[int], positions: Sequence[int]) -> torch.Tensor:
+    def decode(self, ids: Sequence[int], positions: Sequence[int], vocab: VocabSubset | None = None) -> torch.Tensor:
         """One step for every row: row ``i`` feeds ``ids[i]`` at ``positions[i]`` (its current length). Returns the
-        next-token logits ``(b, vocab)``, a view of a static buffer valid until the next step."""
+        next-token logits ``(b, vocab)``, or ``(b, n)`` over ``vocab``: the projection of the step's hidden states,
+        outside the captured graph."""
         size = len(ids)
         assert size == len(self._lengths) == len(positions), "decode() rows differ from the joined rows"
         longest = max(positions) + 1
@@ -408,7 +434,7 @@ class StaticDecoder:
         else:
             self._step(padded, columns)
         self._lengths = [position + 1 for position in positions]
-        return self._logits[:size]
+        return self._project(self._hidden[:size], vocab)
 
     def drop(self, rows: Sequence[int]) -> list[int]:
         """Remove batch rows and compact: each hole below the new row count receives the last remaining row
@@ -438,14 +464,14 @@ class StaticDecoder:
         self._graphs.clear()
         self._pool = self._side_stream = None
         empty = torch.empty(0, device=self.device)
-        self._keys = self._values = self._logits = empty
+        self._keys = self._values = self._hidden = empty
 
     # --- the step ----------------------------------------------------------------------------------------------
 
     def _step(self, batch: int, columns: int) -> torch.Tensor:
         """The decoding step of the first ``batch`` slots over ``columns`` cache columns: reads ids/positions from
-        ``self._io[:, :batch]``, writes each row's key/value at its position and the next-token logits into
-        ``self._logits[:batch]``. No host synchronisation, fixed shapes: graph-capturable."""
+        ``self._io[:, :batch]``, writes each row's key/value at its position and its final-normed hidden state
+        into ``self._hidden[:batch]``. No host synchronisation, fixed shapes: graph-capturable."""
         layout = self._layout
         heads, kv_heads, head_dim = layout.heads, layout.kv_heads, layout.head_dim
         ids, positions = self._io[0, :batch], self._io[1, :batch]  # (B,), (B,)
@@ -478,9 +504,9 @@ class StaticDecoder:
             )  # (B, kv_heads, groups, head_dim)
             x = x + layer.o_proj(attn.reshape(batch, heads * head_dim))
             x = x + layer.mlp(layer.post_norm(x))
-        logits = self._logits[:batch]
-        logits.copy_(layout.lm_head(layout.norm(x)))
-        return logits
+        hidden = self._hidden[:batch]
+        hidden.copy_(layout.norm(x))
+        return hidden
 
     def _capture(self, batch: int, columns: int) -> Any:
         """Capture ``_step(batch, columns)`` into a CUDA graph (after eager warm-up runs on a side stream, which

@@ -8,6 +8,10 @@ Flow of one request: ``generate`` (event loop) validates, submits a sequence to 
 awaits an :class:`asyncio.Queue` that the worker fills with ``loop.call_soon_threadsafe``. The worker batches every
 active sequence into one forward pass per step (continuous batching, see ``_runtime``). Closing or cancelling the
 consumer marks the sequence aborted; the worker drops it before its next step.
+
+Where the runtime lives (option ``worker``): a thread of this process (:class:`~flashtts_torch._runtime.TorchRuntime`)
+or a worker process (:class:`~flashtts_torch._process.ProcessRuntime`, the default on the CPU), which keeps the
+decoding loop off the server's interpreter lock; both fill the same queues, so the flow above holds for either.
 """
 
 from __future__ import annotations
@@ -15,8 +19,10 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import logging
+import os
+import sys
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, ClassVar, TypeVar
 
 import anyio
 import msgspec
@@ -35,9 +41,12 @@ from flashtts_core.plugins.types import OPTIONAL_SAMPLING_FIELDS
 from flashtts_torch.options import TorchOptions
 
 if TYPE_CHECKING:
+    from flashtts_torch._process import ProcessRuntime
     from flashtts_torch._runtime import TorchRuntime
 
 __all__ = ("TorchBackend",)
+
+_Runtime = TypeVar("_Runtime", "TorchRuntime", "ProcessRuntime")
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +64,7 @@ class TorchBackend(BackendBase):
     def __init__(self, config: BackendConfig) -> None:
         super().__init__(config)
         self.options: TorchOptions
-        self._runtime: TorchRuntime | None = None
+        self._runtime: TorchRuntime | ProcessRuntime | None = None
         self._capabilities: BackendCapabilities | None = None
 
     @classmethod
@@ -72,17 +81,23 @@ class TorchBackend(BackendBase):
     # --- lifecycle -------------------------------------------------------------------------------------------
 
     async def startup(self) -> None:
-        """Load the model off the event loop and start the scheduler thread."""
+        """Load the model off the event loop and start the scheduler (in a thread, or in the worker process)."""
         if self._started:
             return
-        from flashtts_torch._runtime import TorchRuntime
+        runtime: TorchRuntime | ProcessRuntime
+        if self.worker_mode() == "process":
+            from flashtts_torch._process import ProcessRuntime, WorkerStartError
 
-        runtime = TorchRuntime(self.config, self.options)
-        try:
-            await anyio.to_thread.run_sync(runtime.load)
-        except BaseException:
-            await anyio.to_thread.run_sync(runtime.close)
-            raise
+            try:
+                runtime = await self._load(ProcessRuntime(self.config, self.options))
+            except WorkerStartError as exc:
+                if self.options.worker == "process":
+                    raise
+                # auto: an environment that cannot run the worker still serves, with the scheduler in a thread.
+                logger.warning("%s; the torch backend decodes in a thread of the server instead", exc.message)
+                runtime = await self._load(self._thread_runtime())
+        else:
+            runtime = await self._load(self._thread_runtime())
         self._runtime = runtime
         self._capabilities = BackendCapabilities(
             sampling=frozenset(OPTIONAL_SAMPLING_FIELDS),
@@ -103,6 +118,32 @@ class TorchBackend(BackendBase):
         )
         await super().startup()
 
+    def _thread_runtime(self) -> TorchRuntime:
+        from flashtts_torch._runtime import TorchRuntime
+
+        return TorchRuntime(self.config, self.options)
+
+    @staticmethod
+    async def _load(runtime: _Runtime) -> _Runtime:
+        """Load ``runtime`` off the event loop; close it again if that fails."""
+        try:
+            await anyio.to_thread.run_sync(runtime.load)
+        except BaseException:
+            await anyio.to_thread.run_sync(runtime.close)
+            raise
+        return runtime
+
+    def worker_mode(self) -> str:
+        """``thread`` or ``process`` (option ``worker``; auto: a process for CPU decoding on POSIX systems)."""
+        mode = self.options.worker or "auto"
+        if mode != "auto":
+            return mode
+        if os.name != "posix" or getattr(sys, "frozen", False):  # a frozen app's executable is not a Python
+            return "thread"
+        from flashtts_torch._runtime import _resolve_device
+
+        return "process" if _resolve_device(self.config.device).type == "cpu" else "thread"
+
     async def _shutdown(self) -> None:
         runtime, self._runtime = self._runtime, None
         if runtime is not None:
@@ -121,6 +162,9 @@ class TorchBackend(BackendBase):
         runtime = self._runtime
         if runtime is None:
             return health
+        failure = getattr(runtime, "failure", None)
+        if failure is not None:
+            return msgspec.structs.replace(health, status="degraded", detail=f"torch backend: {failure}")
         return msgspec.structs.replace(health, running=runtime.num_running, waiting=runtime.num_waiting)
 
     # --- generation ------------------------------------------------------------------------------------------

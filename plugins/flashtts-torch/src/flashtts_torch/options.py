@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 import msgspec
 from msgspec import Meta
@@ -34,6 +34,10 @@ class TorchOptions(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     # the CPU), else torch's default capped at the CPUs this process may use (torch counts all cores of the machine,
     # which oversubscribes containers and shared CI boxes). Set in the scheduler thread only.
     num_threads: Annotated[int, Meta(ge=1, le=1024)] | None = None
+    # Where the model and its scheduler run: "thread" (a thread of the server process), "process" (a worker process
+    # of its own: the decoding loop does not wait for the server's interpreter lock, see flashtts_torch._worker) or
+    # "auto"/None (process on the CPU on POSIX systems, thread elsewhere: on CUDA the step is mostly graph replays).
+    worker: Literal["auto", "thread", "process"] | None = None
     # Passed to from_pretrained; only for checkpoints that ship their own modelling code. Off: it runs that code.
     trust_remote_code: bool = False
 
