@@ -169,7 +169,8 @@ class Server:
 class RssSampler:
     """Samples the RSS of a process (and its children) in a thread; ``peak`` is the maximum since ``reset``.
 
-    Uses psutil; without it, falls back to ``/proc/<pid>`` (Linux, the process alone), else reports 0."""
+    Uses psutil; without it, falls back to ``/proc/<pid>`` (Linux), else reports 0. Children count: the torch
+    backend decodes in a worker process of the server."""
 
     def __init__(self, pid: int, interval: float = 0.1) -> None:
         try:
@@ -186,7 +187,7 @@ class RssSampler:
 
     def current(self) -> int:
         if self._proc is None:
-            return _proc_rss(self._pid)
+            return sum(_proc_rss(pid) for pid in _proc_tree(self._pid))
         import psutil
 
         try:
@@ -202,16 +203,21 @@ class RssSampler:
         self.peak = self.current()
 
     def cpu_seconds(self) -> float:
-        """User + system CPU time of the process so far (all its threads)."""
+        """User + system CPU time so far of the process and its live children (all their threads)."""
         if self._proc is None:
-            return _proc_cpu(self._pid)
+            return sum(_proc_cpu(pid) for pid in _proc_tree(self._pid))
         import psutil
 
+        total = 0.0
         try:
-            t = self._proc.cpu_times()
-            return float(t.user + t.system)
+            processes = [self._proc, *self._proc.children(recursive=True)]
         except psutil.Error:
             return 0.0
+        for process in processes:
+            with contextlib.suppress(psutil.Error):
+                t = process.cpu_times()
+                total += float(t.user + t.system)
+        return total
 
     def _run(self) -> None:
         while not self._stop.wait(self._interval):
@@ -225,6 +231,18 @@ class RssSampler:
     def __exit__(self, *exc_info: object) -> None:
         self._stop.set()
         self._thread.join()
+
+
+def _proc_tree(pid: int) -> list[int]:
+    """``pid`` and its descendants, from ``/proc/<pid>/task/*/children`` (just ``pid`` where that is missing)."""
+    found, queue = [], [pid]
+    while queue:
+        current = queue.pop()
+        found.append(current)
+        for children in Path(f"/proc/{current}/task").glob("*/children"):
+            with contextlib.suppress(OSError, ValueError):
+                queue.extend(int(child) for child in children.read_text().split())
+    return found
 
 
 def _proc_rss(pid: int) -> int:
@@ -428,8 +446,8 @@ async def concurrency_levels(server: Server, args: argparse.Namespace) -> None:
         "voice tokens Spark generates per request; 'metrics' = the server's generated-token counter."
     )
     print(
-        "# TTFA = first non-empty body chunk; RTF = request wall / audio s (p50); server CPU cores = server process "
-        f"CPU seconds / wall seconds. {tokens_note}"
+        "# TTFA = first non-empty body chunk; RTF = request wall / audio s (p50); server CPU cores = CPU seconds of "
+        f"the server and its worker processes / wall seconds. {tokens_note}"
     )
 
 
