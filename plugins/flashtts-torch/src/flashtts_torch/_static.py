@@ -313,6 +313,7 @@ class StaticDecoder:
         self._rows = torch.arange(slots, device=device)
         self._heads = torch.arange(layout.kv_heads, device=device)
         self._columns = torch.arange(cache_len, device=device)
+        self._mask_values = torch.tensor([0.0, float("-inf")], dtype=dtype, device=device)  # visible, hidden
         # Static step inputs: row 0 the ids, row 1 the positions (the column each row's token goes to).
         self._io = torch.zeros((2, slots), dtype=torch.long, device=device)
         # The step's output: the final-normed hidden state of each row (the output projection runs after the step,
@@ -482,7 +483,9 @@ class StaticDecoder:
         x = layout.embed(ids)  # (B, hidden)
         cos, sin = self._cos[positions][:, None], self._sin[positions][:, None]  # (B, 1, head_dim)
         # (B, 1, 1, L): a row sees its own columns up to its position; broadcast over kv heads and query groups.
-        mask = (self._columns[None, :columns] <= positions[:, None])[:, None, None]
+        # Additive (0 / -inf in the model dtype), built once per step: a boolean mask is converted in every layer.
+        visible = (self._columns[None, :columns] <= positions[:, None])[:, None, None]
+        mask = torch.where(visible, self._mask_values[0], self._mask_values[1])
         for index, layer in enumerate(layout.layers):
             h = layer.input_norm(x)
             q = layer.q_proj(h).view(batch, heads, head_dim)
