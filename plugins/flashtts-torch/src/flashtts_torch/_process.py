@@ -154,7 +154,7 @@ class ProcessRuntime:
             ) from exc
         if not isinstance(hello, Started):
             raise WorkerStartError(f"the torch worker process answered {type(hello).__name__} instead of Started")
-        level = logging.getLogger().getEffectiveLevel()
+        level = logging.getLogger("flashtts_torch").getEffectiveLevel()  # what the server shows of this package
         self._send(Setup(self._config, self._options, level))
         try:
             reply = self._decoder.decode(conn.recv_bytes())

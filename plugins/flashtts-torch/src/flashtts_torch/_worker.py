@@ -14,6 +14,7 @@ the process; SIGINT is ignored (a Ctrl-C reaches the whole process group; the pa
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
 import threading
@@ -91,8 +92,11 @@ def serve(conn: Connection) -> int:
     setup = decoder.decode(conn.recv_bytes())
     if not isinstance(setup, Setup):
         raise RuntimeError(f"expected Setup first, got {type(setup).__name__}")
-    logging.basicConfig(
-        level=setup.log_level, format="%(levelname)s:     [torch worker] %(name)s: %(message)s", stream=sys.stderr
+    logging.basicConfig(  # the server's format (flashtts_core.cli.options), marked as this process's
+        level=setup.log_level,
+        format="[FlashTTS] %(asctime)s [%(levelname)s] [%(name)s] (torch worker) %(message)s",
+        datefmt="%Y-%m-%d %H:%M:%S",
+        stream=sys.stderr,
     )
     from flashtts_torch._runtime import TorchRuntime
 
@@ -160,4 +164,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    status = main()
+    # The model is freed and the server told; skip the interpreter's teardown (seconds with torch loaded), which
+    # the server would otherwise wait for.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
