@@ -145,24 +145,12 @@ class ProcessRuntime:
             self._proc.kill()
             self._proc.wait()
             raise WorkerStartError(f"the torch worker process did not start within {_START_TIMEOUT_S:.0f} s")
-        try:
-            hello = self._decoder.decode(conn.recv_bytes())
-        except (EOFError, OSError) as exc:
-            status = self._proc.wait()
-            raise WorkerStartError(
-                f"the torch worker process exited with status {status} before it started (its log is above)"
-            ) from exc
+        hello = self._expect("before it started", WorkerStartError)
         if not isinstance(hello, Started):
             raise WorkerStartError(f"the torch worker process answered {type(hello).__name__} instead of Started")
         level = logging.getLogger("flashtts_torch").getEffectiveLevel()  # what the server shows of this package
         self._send(Setup(self._config, self._options, level))
-        try:
-            reply = self._decoder.decode(conn.recv_bytes())
-        except (EOFError, OSError) as exc:
-            status = self._proc.wait()
-            raise PluginError(
-                f"the torch worker process exited with status {status} while loading the model (its log is above)"
-            ) from exc
+        reply = self._expect("while loading the model", PluginError)
         if isinstance(reply, Failed):
             self._proc.wait()
             raise _rebuild_error(reply.error_type, reply.message)
@@ -177,6 +165,15 @@ class ProcessRuntime:
         self.path_description = f"{reply.path_description}; worker process (pid {self._proc.pid})"
         self._reader = threading.Thread(target=self._read, name="flashtts-torch-reader", daemon=True)
         self._reader.start()
+
+    def _expect(self, when: str, error: type[PluginError]) -> ToParent:
+        """The worker's next message during startup; ``error`` with its exit status if it exits first."""
+        assert self._conn is not None and self._proc is not None
+        try:
+            return self._decoder.decode(self._conn.recv_bytes())
+        except (EOFError, OSError) as exc:
+            status = self._proc.wait()
+            raise error(f"the torch worker process exited with status {status} {when} (its log is above)") from exc
 
     def close(self) -> None:
         """Ask the worker to abort what is open and exit; kill it if it does not within a bound."""
