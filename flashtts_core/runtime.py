@@ -6,6 +6,7 @@ Split in two steps so the CLI can fail fast with one clear line before anything 
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import shutil
@@ -161,6 +162,23 @@ def role_dir_for(plan: Plan, scratch: Path | None = None) -> Path | None:
     return Path(default) if default is not None else None
 
 
+async def _start(backend: BackendBase, engine: EngineBase, model_dir: Path) -> None:
+    """Start the backend, then the engine; at the same time when the backend loads in another process (the engine's
+    codec loads while the worker imports and loads the LLM). Either failure is raised after both have finished, so
+    the caller's shutdown finds neither half-started."""
+    logger.info("loading the %s backend from %s", backend.name, backend.config.model_dir)
+    if not backend.loads_out_of_process:
+        await backend.startup()
+        logger.info("loading the %s engine from %s", engine.name, model_dir)
+        await engine.startup()
+        return
+    logger.info("loading the %s engine from %s (while the backend loads)", engine.name, model_dir)
+    results = await asyncio.gather(backend.startup(), engine.startup(), return_exceptions=True)
+    for result in results:
+        if isinstance(result, BaseException):
+            raise result
+
+
 @asynccontextmanager
 async def open_runtime(plan: Plan, *, warmup: bool | None = None) -> AsyncIterator[Runtime]:
     """Load backend, engine and voices; shut them down on exit (also after a failed start)."""
@@ -207,10 +225,7 @@ async def open_runtime(plan: Plan, *, warmup: bool | None = None) -> AsyncIterat
     )
     scratch: Path | None = None  # a demo's copy of its roles, removed at exit
     try:
-        logger.info("loading the %s backend from %s", backend.name, backend.config.model_dir)
-        await backend.startup()
-        logger.info("loading the %s engine from %s", engine.name, plan.model_dir)
-        await engine.startup()
+        await _start(backend, engine, plan.model_dir)
         info = engine.info
         if s.demo is not None:
             scratch = Path(tempfile.mkdtemp(prefix="flashtts-demo-"))

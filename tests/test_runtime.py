@@ -69,3 +69,33 @@ async def test_mega_demo_comes_with_a_role_copied_to_a_scratch_folder() -> None:
         assert cached is not None and folder != cached and not folder.is_relative_to(cached)
     assert not folder.exists()  # the copy goes with the server; the cached original stays
     assert (cached / "tiny").is_dir()
+
+
+@pytest.mark.parametrize("worker", ["process", "thread"])
+async def test_engine_loads_while_an_out_of_process_backend_loads(worker: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With the torch worker process the engine's startup begins before the backend is ready (the two loads
+    overlap); with the in-process scheduler they stay one after the other. Either way the runtime serves."""
+    pytest.importorskip("flashtts_torch")
+    from flashtts_core.plugins.base import EngineBase
+    from flashtts_core.runtime import open_runtime, resolve
+
+    settings = ServerSettings(
+        demo="spark",
+        llm_device="cpu",
+        tokenizer_device="cpu",
+        detokenizer_device="cpu",
+        backend_options={"worker": worker},
+    )
+    plan = resolve(settings)
+    seen: list[bool] = []
+    original = plan.engine_cls.startup
+
+    async def startup(engine: EngineBase) -> None:
+        seen.append(engine.backend.ready)
+        await original(engine)
+
+    monkeypatch.setattr(plan.engine_cls, "startup", startup)
+    async with open_runtime(plan, warmup=False) as runtime:
+        assert runtime.backend.loads_out_of_process is (worker == "process")
+        assert runtime.backend.ready and runtime.engine.ready
+    assert seen == [worker == "thread"]

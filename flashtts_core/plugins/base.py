@@ -127,6 +127,12 @@ class BackendBase(abc.ABC):
         return self._started
 
     @property
+    def loads_out_of_process(self) -> bool:
+        """Whether ``startup()`` loads the model in another process (and so mostly waits): the server then loads the
+        engine's own models at the same time. ``False`` (the default) keeps the two loads one after the other."""
+        return False
+
+    @property
     @abc.abstractmethod
     def capabilities(self) -> BackendCapabilities:
         """What this backend honours; valid after ``startup()``."""

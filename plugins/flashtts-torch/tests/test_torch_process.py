@@ -11,6 +11,7 @@ import signal
 import time
 from pathlib import Path
 
+import msgspec
 import pytest
 from flashtts_torch import TorchBackend
 from flashtts_torch._process import ProcessRuntime
@@ -184,3 +185,28 @@ async def test_worker_that_cannot_start(executable: str, tiny_qwen2_dir: Path, m
         assert result.finish_reason == "length"
     finally:
         await backend.shutdown()
+
+
+@pytest.mark.parametrize(
+    ("device", "system", "machine", "driver", "expected"),
+    [
+        ("cpu", "Linux", "x86_64", True, "process"),
+        ("cuda", "Linux", "x86_64", False, "thread"),
+        ("auto", "Linux", "x86_64", False, "process"),
+        ("auto", "Linux", "x86_64", True, "thread"),
+        ("auto", "Darwin", "arm64", False, "thread"),
+    ],
+)
+def test_auto_picks_the_process_for_cpu_decoding(
+    device: str, system: str, machine: str, driver: bool, expected: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``worker=auto`` without importing torch: the CPU (explicit, or auto without a GPU driver and not an Apple
+    Silicon Mac) gets the worker process, a GPU the in-process scheduler."""
+    from flashtts_torch import backend as module
+
+    monkeypatch.setattr(module.platform, "system", lambda: system)
+    monkeypatch.setattr(module.platform, "machine", lambda: machine)
+    monkeypatch.setattr(module.os.path, "exists", lambda path: driver and path == "/dev/nvidia0")
+    config = BackendConfig(model_dir="unused", device=device)
+    assert TorchBackend(config).worker_mode() == expected
+    assert TorchBackend(msgspec.structs.replace(config, options={"worker": "thread"})).worker_mode() == "thread"

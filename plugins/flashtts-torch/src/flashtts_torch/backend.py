@@ -20,6 +20,7 @@ import asyncio
 import importlib.util
 import logging
 import os
+import platform
 import sys
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, ClassVar, TypeVar
@@ -49,6 +50,19 @@ __all__ = ("TorchBackend",)
 _Runtime = TypeVar("_Runtime", "TorchRuntime", "ProcessRuntime")
 
 logger = logging.getLogger(__name__)
+
+
+def _means_cpu(device: str) -> bool:
+    """Whether ``device`` puts the model on the CPU, decided without importing torch (seconds that the worker process
+    would otherwise wait for): ``auto`` is the CPU on a machine without an NVIDIA or AMD GPU driver that is not an
+    Apple Silicon Mac. Where this guesses the CPU and torch finds a GPU after all, the worker runs on that GPU."""
+    if device == "cpu":
+        return True
+    if device != "auto":
+        return False
+    if platform.system() == "Darwin" and platform.machine() == "arm64":
+        return False  # MPS
+    return not any(os.path.exists(path) for path in ("/proc/driver/nvidia", "/dev/nvidia0", "/dev/kfd"))
 
 
 class TorchBackend(BackendBase):
@@ -133,6 +147,11 @@ class TorchBackend(BackendBase):
             raise
         return runtime
 
+    @property
+    def loads_out_of_process(self) -> bool:
+        """True with the worker process: the server loads the engine's codec while the worker loads the LLM."""
+        return self.worker_mode() == "process"
+
     def worker_mode(self) -> str:
         """``thread`` or ``process`` (option ``worker``; auto: a process for CPU decoding on POSIX systems)."""
         mode = self.options.worker or "auto"
@@ -140,9 +159,7 @@ class TorchBackend(BackendBase):
             return mode
         if os.name != "posix" or getattr(sys, "frozen", False):  # a frozen app's executable is not a Python
             return "thread"
-        from flashtts_torch._runtime import _resolve_device
-
-        return "process" if _resolve_device(self.config.device).type == "cpu" else "thread"
+        return "process" if _means_cpu(self.config.device) else "thread"
 
     async def _shutdown(self) -> None:
         runtime, self._runtime = self._runtime, None

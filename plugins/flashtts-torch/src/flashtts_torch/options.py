@@ -36,7 +36,8 @@ class TorchOptions(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     num_threads: Annotated[int, Meta(ge=1, le=1024)] | None = None
     # Where the model and its scheduler run: "thread" (a thread of the server process), "process" (a worker process
     # of its own: the decoding loop does not wait for the server's interpreter lock, see flashtts_torch._worker) or
-    # "auto"/None (process on the CPU on POSIX systems, thread elsewhere: on CUDA the step is mostly graph replays).
+    # "auto"/None (process on the CPU on POSIX systems, thread elsewhere: on CUDA the step is mostly graph replays;
+    # device auto counts as the CPU without a GPU driver, see backend._means_cpu).
     worker: Literal["auto", "thread", "process"] | None = None
     # Passed to from_pretrained; only for checkpoints that ship their own modelling code. Off: it runs that code.
     trust_remote_code: bool = False
