@@ -58,9 +58,9 @@ async def ready(request: Request[Any, Any, Any]) -> Response[Any]:
         return error_response(503, message, "server_error", None, "not_ready", **{"Retry-After": "5"})
     backend_health = await runtime.backend.health()
     if backend_health.status != "ready" or not runtime.engine.ready:
-        return error_response(
-            503, f"the backend is {backend_health.status}", "server_error", None, "not_ready", **{"Retry-After": "5"}
-        )
+        detail = f": {backend_health.detail}" if backend_health.detail else ""
+        message = f"the backend is {backend_health.status}{detail}"
+        return error_response(503, message, "server_error", None, "not_ready", **{"Retry-After": "5"})
     body = ReadyResponse(
         status="ready",
         model=runtime.model_name,
