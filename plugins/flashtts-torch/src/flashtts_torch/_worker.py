@@ -19,6 +19,7 @@ import signal
 import sys
 import threading
 from multiprocessing.connection import Connection
+from typing import TYPE_CHECKING
 
 import msgspec
 
@@ -38,6 +39,9 @@ from flashtts_torch._protocol import (
     ToWorker,
 )
 
+if TYPE_CHECKING:  # torch is imported only once Started is sent (see serve)
+    from flashtts_torch._runtime import SequenceState, TorchRuntime
+
 __all__ = ("Reporter", "main")
 
 logger = logging.getLogger("flashtts_torch.worker")
@@ -51,22 +55,20 @@ class Reporter:
         self._lock = threading.Lock()
         self._encoder = msgspec.msgpack.Encoder()
         self._counters: tuple[int, int, int, int] | None = None
-        self.runtime: object = None  # the TorchRuntime whose counters go with each step
-        self.sequences: dict[int, object] = {}  # key → SequenceState, for Abort; finished ones are removed here
+        self.runtime: TorchRuntime | None = None  # whose counters go with each step (set once it exists)
+        self.sequences: dict[int, SequenceState] = {}  # key → sequence, for Abort; finished ones are removed here
 
     def send(self, message: msgspec.Struct) -> None:
         data = self._encoder.encode(message)
         with self._lock:
             self._conn.send_bytes(data)
 
-    def step(self, outbox: list[tuple[object, QueueItem]]) -> None:
-        from flashtts_torch._runtime import SequenceState, TorchRuntime
-
+    def step(self, outbox: list[tuple[SequenceState, QueueItem]]) -> None:
+        """The runtime's step listener (scheduler thread): this iteration's items, and the counters if changed."""
         runtime = self.runtime
-        assert isinstance(runtime, TorchRuntime)
+        assert runtime is not None
         items: list[StepItem] = []
         for sequence, item in outbox:
-            assert isinstance(sequence, SequenceState)
             if isinstance(item, BaseException):
                 items.append(StepItem(sequence.key, [], None, str(item)))
                 self.sequences.pop(sequence.key, None)
@@ -138,7 +140,7 @@ def serve(conn: Connection) -> int:
             elif isinstance(message, Abort):
                 sequence = sequences.pop(message.key, None)
                 if sequence is not None:
-                    runtime.abort(sequence)  # type: ignore[arg-type]
+                    runtime.abort(sequence)
             elif isinstance(message, Close):
                 break
     finally:
