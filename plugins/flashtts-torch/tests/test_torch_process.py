@@ -72,13 +72,20 @@ class TestTorchProcessQwen2(BackendConformance):
         assert "worker process" in runtime.path_description
 
     async def test_requests_share_decoding_steps(
-        self, backend: BackendBase, prompt_token_ids: tuple[int, ...], timeout_s: float
+        self, backend_config: BackendConfig, prompt_token_ids: tuple[int, ...], timeout_s: float
     ) -> None:
-        """Concurrent requests are decoded together in the worker (its batch counter comes back with each step)."""
-        requests = [make_request(prompt_token_ids[: 4 + i], request_id=f"b{i}", max_tokens=24) for i in range(4)]
-        await asyncio.gather(*(generate(backend, request, timeout_s) for request in requests))
-        assert isinstance(backend, TorchBackend)
-        assert _runtime(backend).peak_batch >= 2
+        """Concurrent requests are decoded together in the worker (its batch counter comes back with each step;
+        a fresh worker, so that the count is this test's)."""
+        fresh = TorchBackend(backend_config)
+        await fresh.startup()
+        try:
+            await generate(fresh, make_request(prompt_token_ids, max_tokens=8), timeout_s)
+            assert _runtime(fresh).peak_batch == 1
+            requests = [make_request(prompt_token_ids[: 4 + i], request_id=f"b{i}", max_tokens=24) for i in range(4)]
+            await asyncio.gather(*(generate(fresh, request, timeout_s) for request in requests))
+            assert _runtime(fresh).peak_batch >= 2
+        finally:
+            await fresh.shutdown()
 
 
 async def test_thread_and_process_give_the_same_ids(tiny_qwen2_dir: Path) -> None:
