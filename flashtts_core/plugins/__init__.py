@@ -5,8 +5,10 @@ Third-party plugins import only from here (never from ``flashtts_core.server`` o
 
 from flashtts_core.plugins.base import BACKEND_API_VERSION, ENGINE_API_VERSION, BackendBase, EngineBase, NoOptions
 from flashtts_core.plugins.registry import BACKEND_GROUP, ENGINE_GROUP, PluginInfo, Registry, get_registry
-from flashtts_core.plugins.streams import QueueItem, token_stream
+from flashtts_core.plugins.streams import AdmissionQueue, QueueItem, first_audio_reserve, token_stream
 from flashtts_core.plugins.types import (
+    FIRST_AUDIO,
+    LATER_AUDIO,
     AudioChunk,
     BackendCapabilities,
     BackendConfig,
@@ -29,6 +31,9 @@ __all__ = (
     "BACKEND_GROUP",
     "ENGINE_API_VERSION",
     "ENGINE_GROUP",
+    "FIRST_AUDIO",
+    "LATER_AUDIO",
+    "AdmissionQueue",
     "AudioChunk",
     "BackendBase",
     "BackendCapabilities",
@@ -50,6 +55,7 @@ __all__ = (
     "TokenChunk",
     "VoiceInfo",
     "VoicePrompt",
+    "first_audio_reserve",
     "get_registry",
     "token_stream",
 )

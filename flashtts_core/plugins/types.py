@@ -17,6 +17,8 @@ if TYPE_CHECKING:
     import numpy as np
 
 __all__ = (
+    "FIRST_AUDIO",
+    "LATER_AUDIO",
     "OPTIONAL_SAMPLING_FIELDS",
     "AudioChunk",
     "BackendCapabilities",
@@ -76,10 +78,20 @@ OPTIONAL_SAMPLING_FIELDS: dict[str, object] = {
 }
 
 
+#: ``GenerationRequest.priority`` of the generation that a request's first audio waits for.
+FIRST_AUDIO = 0
+#: ``GenerationRequest.priority`` of a request's later segments (their audio is needed only after earlier ones').
+LATER_AUDIO = 1
+
+
 class GenerationRequest(msgspec.Struct, frozen=True, kw_only=True):
     request_id: str
     prompt_token_ids: tuple[int, ...]
     sampling: SamplingParams
+    # Scheduling hint, lower first: FIRST_AUDIO for the generation a request's first audio waits for, LATER_AUDIO for
+    # its later segments. A backend that queues work beyond its batch admits by (priority, arrival), so that under
+    # load a new request does not wait behind other requests' later segments; one that cannot may ignore it.
+    priority: Annotated[int, Meta(ge=0, le=1000)] = FIRST_AUDIO
 
 
 class TokenChunk(msgspec.Struct, frozen=True, gc=False):

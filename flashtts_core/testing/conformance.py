@@ -56,6 +56,7 @@ from flashtts_core.errors import (
 from flashtts_core.plugins.base import BACKEND_API_VERSION, BackendBase
 from flashtts_core.plugins.registry import BACKEND_GROUP
 from flashtts_core.plugins.types import (
+    LATER_AUDIO,
     OPTIONAL_SAMPLING_FIELDS,
     BackendCapabilities,
     BackendConfig,
@@ -167,8 +168,9 @@ def _last_first_occurrence(ids: tuple[int, ...]) -> int:
 class BackendConformance:
     """Base test class; subclass it once per backend/model and override ``backend_cls`` and ``backend_config``.
 
-    Optional overrides: ``prompt_token_ids`` (ids valid for the model), ``timeout_s`` (per request) and
-    ``expected_capabilities`` (asserted equal to what the backend reports).
+    Optional overrides: ``prompt_token_ids`` (ids valid for the model), ``timeout_s`` (per request),
+    ``expected_capabilities`` (asserted equal to what the backend reports) and ``admits_by_priority`` (``True``
+    checks that queued work is admitted by ``GenerationRequest.priority``).
     """
 
     pytestmark = pytest.mark.asyncio(loop_scope="class")
@@ -199,6 +201,12 @@ class BackendConformance:
     @classmethod
     def expected_capabilities(cls) -> BackendCapabilities | None:
         return None
+
+    @pytest.fixture(scope="class")
+    @classmethod
+    def admits_by_priority(cls) -> bool:
+        """Override to ``True`` when the backend queues by ``GenerationRequest.priority`` (then it is checked)."""
+        return False
 
     # --- shared state ----------------------------------------------------------------------------------------
 
@@ -590,3 +598,41 @@ class BackendConformance:
         assert len(result.token_ids) <= 12
         if "allowed_token_ids" in values:
             assert set(result.token_ids) <= values["allowed_token_ids"]
+
+    async def test_first_audio_admitted_first(
+        self,
+        backend_cls: type[BackendBase],
+        backend_config: BackendConfig,
+        admits_by_priority: bool,
+        prompt_token_ids: tuple[int, ...],
+        timeout_s: float,
+    ) -> None:
+        """Two slots, two later segments and then a new request's first generation, sent together: the first
+        generation starts before the second later segment (FIFO would run both later segments first)."""
+        if not admits_by_priority:
+            pytest.skip("the backend does not declare that it admits by priority (admits_by_priority fixture)")
+        small = backend_cls(msgspec.structs.replace(backend_config, max_batch_size=2))
+        await small.startup()
+        started: list[str] = []
+
+        async def run(request: GenerationRequest) -> None:
+            with anyio.fail_after(timeout_s):
+                async with contextlib.aclosing(small.generate(request)) as stream:
+                    async for chunk in stream:
+                        if chunk.token_ids and request.request_id not in started:
+                            started.append(request.request_id)
+
+        try:
+            later = [
+                msgspec.structs.replace(
+                    make_request(prompt_token_ids, request_id=f"later{i}", max_tokens=48, temperature=0.0),
+                    priority=LATER_AUDIO,
+                )
+                for i in range(2)
+            ]
+            first = make_request(prompt_token_ids, request_id="first", max_tokens=8, temperature=0.0)
+            await asyncio.gather(*(run(request) for request in (*later, first)))
+        finally:
+            await small.shutdown()
+        assert sorted(started) == ["first", "later0", "later1"]
+        assert started.index("first") < started.index("later1"), started

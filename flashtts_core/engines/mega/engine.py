@@ -66,6 +66,8 @@ from flashtts_core.errors import (
 )
 from flashtts_core.plugins.base import BackendBase, EngineBase
 from flashtts_core.plugins.types import (
+    FIRST_AUDIO,
+    LATER_AUDIO,
     AudioChunk,
     EngineConfig,
     EngineInfo,
@@ -620,6 +622,7 @@ class _Request:
             request_id=f"{request.request_id}:g2p:{index}",
             prompt_token_ids=engine.g2p_prompt(self.segments[index]),
             sampling=self.sampling,
+            priority=FIRST_AUDIO if index == 0 else LATER_AUDIO,
         )
         ids: list[int] = []
         finish: FinishReason | None = None

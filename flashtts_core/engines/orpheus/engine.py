@@ -69,6 +69,8 @@ from flashtts_core.errors import (
 )
 from flashtts_core.plugins.base import BackendBase, EngineBase
 from flashtts_core.plugins.types import (
+    FIRST_AUDIO,
+    LATER_AUDIO,
     AudioChunk,
     EngineConfig,
     EngineInfo,
@@ -402,6 +404,7 @@ class _Job:
             request_id=f"{request.request_id}:{index}:{attempt}",
             prompt_token_ids=engine.prompt_ids(self.voice, self.segments[index]),
             sampling=sampling,
+            priority=FIRST_AUDIO if index == 0 else LATER_AUDIO,
         )
         parser = FrameParser(engine.tokens)
         queue = self.queues[index]

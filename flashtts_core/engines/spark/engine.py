@@ -74,6 +74,8 @@ from flashtts_core.errors import (
 )
 from flashtts_core.plugins.base import BackendBase, EngineBase
 from flashtts_core.plugins.types import (
+    FIRST_AUDIO,
+    LATER_AUDIO,
     AudioChunk,
     EngineConfig,
     EngineInfo,
@@ -599,6 +601,7 @@ class _Job:
             request_id=f"{self.request.request_id}:{index}:{attempt}",
             prompt_token_ids=tuple(self._prompt(index)),
             sampling=sampling,
+            priority=FIRST_AUDIO if index == 0 else LATER_AUDIO,
         )
         stream = self.request.stream
         buffered: list[int] = []

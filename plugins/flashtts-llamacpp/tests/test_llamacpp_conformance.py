@@ -61,6 +61,11 @@ class TestLlamaCppQwen2(BackendConformance):
     def backend_config(cls, qwen2_gguf_dir: Path) -> BackendConfig:
         return _config(qwen2_gguf_dir)
 
+    @pytest.fixture(scope="class")
+    @classmethod
+    def admits_by_priority(cls) -> bool:
+        return True
+
     async def test_greedy_matches_transformers(
         self, backend: BackendBase, tiny_qwen2_dir: Path, prompt_token_ids: tuple[int, ...], timeout_s: float
     ) -> None:

@@ -43,6 +43,11 @@ class TestMlxQwen2(BackendConformance):
     def backend_config(cls, tiny_qwen2_dir: Path) -> BackendConfig:
         return _config(tiny_qwen2_dir)
 
+    @pytest.fixture(scope="class")
+    @classmethod
+    def admits_by_priority(cls) -> bool:
+        return True
+
     async def test_requests_share_decoding_steps(
         self, backend: BackendBase, prompt_token_ids: tuple[int, ...], timeout_s: float
     ) -> None:

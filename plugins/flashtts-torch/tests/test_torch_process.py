@@ -65,6 +65,11 @@ class TestTorchProcessQwen2(BackendConformance):
     def backend_config(cls, tiny_qwen2_dir: Path) -> BackendConfig:
         return _config(tiny_qwen2_dir)
 
+    @pytest.fixture(scope="class")
+    @classmethod
+    def admits_by_priority(cls) -> bool:
+        return True
+
     async def test_runs_in_a_worker_process(self, backend: BackendBase) -> None:
         assert isinstance(backend, TorchBackend) and backend.worker_mode() == "process"
         runtime = _runtime(backend)

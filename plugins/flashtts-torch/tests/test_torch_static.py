@@ -447,6 +447,11 @@ class TestTorchQwen2Static(BackendConformance):
     def backend_config(cls, tiny_qwen2_dir: Path) -> BackendConfig:
         return _kit_config(tiny_qwen2_dir)
 
+    @pytest.fixture(scope="class")
+    @classmethod
+    def admits_by_priority(cls) -> bool:
+        return True
+
 
 class TestTorchLlamaStatic(BackendConformance):
     @pytest.fixture(scope="class")

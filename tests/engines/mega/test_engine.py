@@ -17,8 +17,10 @@ import pytest
 from flashtts_core.engines.mega.engine import MegaEngine
 from flashtts_core.engines.mega.frontend import ReferenceVoice, integrated_loudness
 from flashtts_core.errors import InvalidRequestError, VoiceNotFoundError
+from flashtts_core.plugins import FIRST_AUDIO, LATER_AUDIO
 from flashtts_core.plugins.types import ReferenceAudio, SamplingOverrides, SynthesisRequest, VoicePrompt
 from flashtts_core.testing.tiny_mega import ALIGNER_SCRIPT, G2P_SCRIPT
+from tests.engines.helpers import record_priorities
 
 pytest.importorskip("flashtts_torch")
 
@@ -142,7 +144,10 @@ async def test_streaming_matches_non_streaming(mega_engine: MegaEngine, mega_pro
     np.testing.assert_allclose(joined, scale * whole, atol=1e-4 * float(np.abs(whole).max()))
 
 
-async def test_long_text_segments_and_crossfade(mega_engine: MegaEngine, mega_prompt: VoicePrompt) -> None:
+async def test_long_text_segments_and_crossfade(
+    mega_engine: MegaEngine, mega_prompt: VoicePrompt, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    priorities = record_priorities(mega_engine, monkeypatch)
     text = "The first sentence is here. The second one follows it. And a third one ends the text."
     from flashtts_core.text import split_text
 
@@ -155,6 +160,9 @@ async def test_long_text_segments_and_crossfade(mega_engine: MegaEngine, mega_pr
     # multiples of 8 mel frames = 1920 samples); 0.16 s overlaps at both joins.
     parts = whole.size + 2 * 3840
     assert parts % 1920 == 0
+    # One G2P generation per segment; the first gates the first audio.
+    assert priorities == [FIRST_AUDIO, LATER_AUDIO, LATER_AUDIO]
+    priorities.clear()
     later = (64 + 3 * 5 + 32 + 64) * 240  # sil, 5 short phones, comma, stop: the least a later segment can be
     assert SEGMENT_SAMPLES[0] + 2 * later <= parts <= SEGMENT_SAMPLES[1] + 2 * (later + 32 * 240 + 8 * 240 + 20 * 240)
     streamed = await _synth(mega_engine, mega_prompt, text=text, stream=True, **kwargs)

@@ -21,8 +21,10 @@ from flashtts_core.errors import (
     UnsupportedFeatureError,
     VoiceNotFoundError,
 )
+from flashtts_core.plugins import FIRST_AUDIO, LATER_AUDIO
 from flashtts_core.plugins.types import ReferenceAudio, SamplingOverrides, SynthesisRequest, VoicePrompt
 from flashtts_core.testing.tiny_orpheus import orpheus_script_frames
+from tests.engines.helpers import record_priorities
 from tests.engines.orpheus.conftest import FRAMES, SAMPLES_PER_FRAME, start_engine, stop_engine
 
 pytest.importorskip("flashtts_torch")
@@ -93,7 +95,10 @@ async def test_sampling_defaults_and_overrides(orpheus_engine: OrpheusEngine) ->
     assert audio.size == 10 * SAMPLES_PER_FRAME
 
 
-async def test_long_text_segments_in_order(orpheus_engine: OrpheusEngine, tiny_snac: object) -> None:
+async def test_long_text_segments_in_order(
+    orpheus_engine: OrpheusEngine, tiny_snac: object, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    priorities = record_priorities(orpheus_engine, monkeypatch)
     text = "The first sentence is here. The second one follows it. And a third one ends the text."
     from flashtts_core.text import split_text
 
@@ -106,6 +111,7 @@ async def test_long_text_segments_in_order(orpheus_engine: OrpheusEngine, tiny_s
     frames = np.tile(orpheus_script_frames(frames=FRAMES), (3, 1))
     (expected,) = tiny_snac.decode([frames])  # type: ignore[attr-defined]
     np.testing.assert_allclose(audio, expected, atol=1e-5)
+    assert priorities == [FIRST_AUDIO, LATER_AUDIO, LATER_AUDIO]  # the first segment gates the first audio
 
 
 async def test_concurrent_requests_share_the_decode_batcher(orpheus_engine: OrpheusEngine) -> None:

@@ -29,6 +29,8 @@ from flashtts_core.errors import (
 )
 from flashtts_core.plugins.base import BackendBase
 from flashtts_core.plugins.types import (
+    FIRST_AUDIO,
+    LATER_AUDIO,
     BackendCapabilities,
     BackendConfig,
     EngineConfig,
@@ -225,6 +227,8 @@ async def test_long_text_keeps_one_voice(
     chunks = await _collect(engine, text=text, voice="male", length_threshold=5, window_size=25)
     n_segments = len(spy.requests)
     assert n_segments == 3  # one sentence per segment (16-17 tokens each with the tiny tokenizer)
+    # The first segment gates the first audio: backends admit it ahead of other requests' later segments.
+    assert [r.priority for r in spy.requests] == [FIRST_AUDIO, LATER_AUDIO, LATER_AUDIO]
     assert sum(c.size for c in chunks) == n_segments * N_SEMANTIC * SPT
     fragment = _ids(engine, info.acoustic_prefix)
     first, *later = (list(r.prompt_token_ids) for r in spy.requests)

@@ -18,6 +18,7 @@ thread. Requests wait in one FIFO queue; a free worker takes the oldest. Nothing
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import mmap
 import os
@@ -314,7 +315,7 @@ class Job:
 
 
 class LlamaCppRuntime:
-    """``contexts`` llama.cpp contexts, one worker thread each, fed from one FIFO queue."""
+    """``contexts`` llama.cpp contexts, one worker thread each, fed from one queue (by priority, then FIFO)."""
 
     def __init__(self, config: BackendConfig, options: LlamaCppOptions) -> None:
         self.config = config
@@ -328,7 +329,9 @@ class LlamaCppRuntime:
         self.prefix_cache = options.prefix_cache
         self._llms: list[Any] = []
         self._threads: list[threading.Thread] = []
-        self._queue: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
+        # (priority, arrival, job): GenerationRequest.priority first, then FIFO; a None job stops a worker.
+        self._queue: queue.PriorityQueue[tuple[int, int, Job | None]] = queue.PriorityQueue()
+        self._arrivals = itertools.count()
         self._lock = threading.Lock()
         self._waiting: set[Job] = set()
         self._running: set[Job] = set()
@@ -392,7 +395,7 @@ class LlamaCppRuntime:
             job.aborted = True
             job.deliver(TokenChunk((), "abort"))
         for _ in self._threads:
-            self._queue.put(None)
+            self._queue.put((-1, next(self._arrivals), None))
         for thread in self._threads:
             thread.join()
         self._threads.clear()
@@ -423,7 +426,7 @@ class LlamaCppRuntime:
             if self._closing:
                 raise BackendNotReadyError("the llama-cpp backend is shutting down")
             self._waiting.add(job)
-        self._queue.put(job)
+        self._queue.put((request.priority, next(self._arrivals), job))
         return job
 
     def abort(self, job: Job) -> None:
@@ -452,7 +455,7 @@ class LlamaCppRuntime:
 
     def _worker(self, llm: Any) -> None:
         while True:
-            job = self._queue.get()
+            _, _, job = self._queue.get()
             if job is None:
                 return
             with self._lock:

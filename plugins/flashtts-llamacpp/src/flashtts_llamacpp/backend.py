@@ -5,9 +5,9 @@ This module is the cheap half: it imports neither llama_cpp nor numpy, so that t
 in :mod:`flashtts_llamacpp._runtime`, imported in :meth:`LlamaCppBackend.startup`.
 
 Flow of one request: ``generate`` (event loop) validates, queues a job for the runtime's worker threads (one per
-llama.cpp context, FIFO) and then awaits an :class:`asyncio.Queue` that the worker fills with
-``loop.call_soon_threadsafe``. Closing or cancelling the consumer marks the job aborted; a waiting job is dropped at
-once, a running one stops before its next token (or its next ``n_batch`` slice of the prompt).
+llama.cpp context; by ``GenerationRequest.priority``, then FIFO) and then awaits an :class:`asyncio.Queue` that the
+worker fills with ``loop.call_soon_threadsafe``. Closing or cancelling the consumer marks the job aborted; a waiting
+job is dropped at once, a running one stops before its next token (or its next ``n_batch`` slice of the prompt).
 """
 
 from __future__ import annotations

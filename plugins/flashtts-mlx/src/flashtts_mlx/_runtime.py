@@ -30,7 +30,7 @@ import logging
 import platform
 import random
 import threading
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -41,7 +41,14 @@ from flashtts_core.errors import (
     GenerationError,
     PluginError,
 )
-from flashtts_core.plugins import BackendConfig, GenerationRequest, SamplingParams, TokenChunk
+from flashtts_core.plugins import (
+    AdmissionQueue,
+    BackendConfig,
+    GenerationRequest,
+    SamplingParams,
+    TokenChunk,
+    first_audio_reserve,
+)
 from flashtts_mlx.options import MlxOptions
 
 __all__ = ("MlxRuntime", "MlxSequence", "make_sampler_for")
@@ -116,7 +123,7 @@ class MlxRuntime:
         self._config = config
         self._options = options
         self._cond = threading.Condition()
-        self._pending: deque[MlxSequence] = deque()
+        self._pending: AdmissionQueue[MlxSequence] = AdmissionQueue()
         self._closing = False
         self._thread: threading.Thread | None = None
         self._loaded = threading.Event()
@@ -132,6 +139,8 @@ class MlxRuntime:
         self._greedy: Callable[[Any], Any] | None = None
         # Seeds for requests without one: reproducible per server run when config.seed is set.
         self._seed_rng = random.Random(config.seed)
+        # Slots that later segments leave free for new requests' first generations (AdmissionQueue.take).
+        self._reserve = first_audio_reserve(config.max_batch_size)
         self.device_name = "cpu"
         self.vocab_size = 0
         self.max_model_len = config.max_model_len
@@ -156,7 +165,7 @@ class MlxRuntime:
         with self._cond:
             if self._closing or self._thread is None:
                 raise BackendNotReadyError("the mlx-lm backend is shutting down")
-            self._pending.append(sequence)
+            self._pending.append(sequence, request.priority)
             self._cond.notify()
         return sequence
 
@@ -323,9 +332,7 @@ class MlxRuntime:
             if self._closing:
                 return None
             free = max(self._config.max_batch_size - len(self._active), 0)
-            admitted: list[MlxSequence] = []
-            while self._pending and len(admitted) < free:
-                admitted.append(self._pending.popleft())
+            admitted = self._pending.take(free, self._reserve)
             self._admitting = len(admitted)
             aborted = [seq for seq in self._active.values() if seq.aborted]
             return admitted, aborted

@@ -40,7 +40,7 @@ import inspect
 import logging
 import random
 import threading
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
@@ -55,7 +55,15 @@ from flashtts_core.errors import (
     GenerationError,
     PluginError,
 )
-from flashtts_core.plugins import BackendConfig, GenerationRequest, QueueItem, SamplingParams, TokenChunk
+from flashtts_core.plugins import (
+    AdmissionQueue,
+    BackendConfig,
+    GenerationRequest,
+    QueueItem,
+    SamplingParams,
+    TokenChunk,
+    first_audio_reserve,
+)
 from flashtts_core.runtime import available_cpus
 from flashtts_torch.options import DEFAULT_STATIC_CACHE_LEN, TorchOptions
 
@@ -573,7 +581,7 @@ class TorchRuntime:
         self._config = config
         self._options = options
         self._cond = threading.Condition()
-        self._pending: deque[SequenceState] = deque()
+        self._pending: AdmissionQueue[SequenceState] = AdmissionQueue()
         self._closing = False
         self._thread: threading.Thread | None = None
         self._model: Any = None
@@ -588,6 +596,8 @@ class TorchRuntime:
         self._outbox: list[tuple[SequenceState, QueueItem]] = []
         # Seeds for requests without one: reproducible per server run when config.seed is set.
         self._seed_rng = random.Random(config.seed)
+        # Slots that later segments leave free for new requests' first generations (AdmissionQueue.take).
+        self._reserve = first_audio_reserve(config.max_batch_size)
         self._threads: int | None = None  # intra-op threads of the scheduler thread on CPU (None: torch's)
         self.device = torch.device("cpu")
         self.dtype = torch.float32
@@ -638,7 +648,7 @@ class TorchRuntime:
         with self._cond:
             if self._closing or self._thread is None:
                 raise BackendNotReadyError("the torch backend is shutting down")
-            self._pending.append(sequence)
+            self._pending.append(sequence, request.priority)
             self._cond.notify()
         return sequence
 
@@ -859,9 +869,7 @@ class TorchRuntime:
             if self._closing:
                 return None
             free = max(self._config.max_batch_size - len(self._batch), 0)
-            admitted: list[SequenceState] = []
-            while self._pending and len(admitted) < free:
-                admitted.append(self._pending.popleft())
+            admitted = self._pending.take(free, self._reserve)
             self._admitting = len(admitted)
             return admitted
 

@@ -211,6 +211,7 @@ class VllmBackend(BackendBase):
         self._prompt_cls: Any = None
         self._delta: Any = None
         self._allowed_ids = False
+        self._priority = False  # pass GenerationRequest.priority (only vLLM's priority scheduler accepts it)
         self._vocab_size = 0
         self._inflight: set[str] = set()
         # Seeds for requests without one: reproducible per server run when config.seed is set.
@@ -265,6 +266,9 @@ class VllmBackend(BackendBase):
         self._prompt_cls = TokensPrompt
         self._delta = RequestOutputKind.DELTA
         self._allowed_ids = "allowed_token_ids" in getattr(VllmSamplingParams, "__struct_fields__", ())
+        # vLLM refuses a non-zero priority under its default first-come-first-served policy; with
+        # extra={"scheduling_policy": "priority"} a request's first segment goes ahead of other requests' later ones.
+        self._priority = kwargs.get("scheduling_policy") == "priority"
         return AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs))
 
     async def _adopt(self, engine: AsyncLLM) -> None:
@@ -336,7 +340,9 @@ class VllmBackend(BackendBase):
         self._inflight.add(request_id)
         try:
             try:
-                async with contextlib.aclosing(engine.generate(prompt, params, request_id=request_id)) as outputs:
+                extra = {"priority": request.priority} if self._priority else {}
+                stream = engine.generate(prompt, params, request_id=request_id, **extra)
+                async with contextlib.aclosing(stream) as outputs:
                     async for output in outputs:
                         completion = output.outputs[0]
                         reason = completion.finish_reason if output.finished else None
