@@ -11,10 +11,15 @@ aggregate audio seconds per wall second, LLM tokens/s (from the server's ``/metr
 tokens counter, else derived from the audio: Spark 50 semantic tokens per audio second, Orpheus 82), peak server RSS
 (psutil, sampled every 100 ms) and errors by HTTP status or exception.
 
+``--rounds R`` runs the list of levels R times, interleaved, and ends with a summary: per level the median over rounds
+of throughput and TTFA p50, and of their ratios to the first level of the same round (a shared machine drifts by
+tens of percent over minutes; neighbouring measurements drift together).
+
 ``--sequential N`` runs N requests one after the other instead (after ``--warmup`` requests) and reports the
 server's RSS after warm-up and at the end (leak check).
 
     python -m benchmarks.load --demo --concurrency 1,2,4,8,16
+    python -m benchmarks.load --demo --concurrency 1,8 --rounds 3 --requests_per_client 10 --max_requests 80
     python -m benchmarks.load --demo --sequential 500 --max_tokens 64
     python -m benchmarks.load --model_path Spark-TTS-0.5B --llm_batch_size 16 --batch_size 8 --concurrency 1,8,32
 """
@@ -29,6 +34,7 @@ import platform
 import re
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -370,12 +376,25 @@ def errors_text(results: list[Result]) -> str:
     return ", ".join(f"{k}×{v}" for k, v in sorted(counts.items())) or "0"
 
 
+def _ok(level: Level) -> list[Result]:
+    return [r for r in level.results if r.status == "200" and r.audio_s > 0]
+
+
+def throughput_of(level: Level) -> float:
+    """Audio seconds of the successful requests per wall second of the level."""
+    return sum(r.audio_s for r in _ok(level)) / level.wall if level.wall else 0.0
+
+
+def ttfa_p50_of(level: Level) -> float:
+    """Median time to first audio of the successful requests, in ms."""
+    return percentile([r.ttfa * 1000 for r in _ok(level) if r.ttfa is not None], 0.5)
+
+
 def level_row(level: Level, family: str) -> str:
-    ok = [r for r in level.results if r.status == "200" and r.audio_s > 0]
+    ok = _ok(level)
     ttfa = [r.ttfa * 1000 for r in ok if r.ttfa is not None]
     rtf = [r.wall / r.audio_s for r in ok]
-    audio = sum(r.audio_s for r in ok)
-    throughput = audio / level.wall if level.wall else 0.0
+    throughput = throughput_of(level)
     if level.tokens is not None:
         tokens = f"{level.tokens / level.wall:.0f} (metrics)"
     else:
@@ -415,6 +434,51 @@ async def server_family(client: httpx.AsyncClient, url: str) -> str:
     return "unknown"
 
 
+def _ratio(value: float, base: float) -> float:
+    return value / base if base > 0 else float("nan")
+
+
+def summary(rounds: list[list[Level]]) -> str:
+    """Per concurrency: the median over rounds of throughput and TTFA p50, and of their ratios to the first level of
+    the same round. Ratios between neighbouring measurements cancel most of a shared machine's drift, which moves
+    single figures by ±20 % over minutes."""
+    base = rounds[0][0].concurrency
+    lines = [
+        f"# summary over {len(rounds)} round(s): medians; ratios against c={base} of the same round",
+        f"| c | audio s / wall s | × c={base} | TTFA p50 ms | × c={base} |",
+        "|---|---|---|---|---|",
+    ]
+    for index, level in enumerate(rounds[0]):
+        pairs = [(levels[index], levels[0]) for levels in rounds]  # (this level, the round's base level)
+        throughput = [throughput_of(lv) for lv, _ in pairs]
+        ttfa = [ttfa_p50_of(lv) for lv, _ in pairs]
+        throughput_ratio = [_ratio(throughput_of(lv), throughput_of(base)) for lv, base in pairs]
+        ttfa_ratio = [_ratio(ttfa_p50_of(lv), ttfa_p50_of(base)) for lv, base in pairs]
+        lines.append(
+            f"| {level.concurrency} | {statistics.median(throughput):.2f} | {statistics.median(throughput_ratio):.2f} "
+            f"| {statistics.median(ttfa):.0f} | {statistics.median(ttfa_ratio):.2f} |"
+        )
+    return "\n".join(lines)
+
+
+async def run_level(
+    client: httpx.AsyncClient, url: str, args: argparse.Namespace, rss: RssSampler, c: int, total: int, offset: int
+) -> Level:
+    level = Level(c)
+    before = await read_token_counter(client, url)
+    rss.reset()
+    cpu = rss.cpu_seconds()
+    start = time.perf_counter()
+    level.results = await run_closed_loop(client, url, args, c, total, offset)
+    level.wall = time.perf_counter() - start
+    level.cpu = rss.cpu_seconds() - cpu
+    level.peak_rss = max(rss.peak, rss.current())
+    after = await read_token_counter(client, url)
+    if before is not None and after is not None:
+        level.tokens = after - before
+    return level
+
+
 async def concurrency_levels(server: Server, args: argparse.Namespace) -> None:
     limits = httpx.Limits(max_connections=max(args.concurrency) + 4, max_keepalive_connections=max(args.concurrency))
     async with httpx.AsyncClient(timeout=httpx.Timeout(args.timeout, connect=10.0), limits=limits) as client:
@@ -424,23 +488,17 @@ async def concurrency_levels(server: Server, args: argparse.Namespace) -> None:
             await one_request(client, server.url, request_body(args, i))
         print(LEVEL_HEADER, flush=True)
         offset = 0
+        rounds: list[list[Level]] = []
         with RssSampler(server.pid) as rss:
-            for c in args.concurrency:
-                total = min(args.max_requests, max(c, args.min_requests, args.requests_per_client * c))
-                level = Level(c)
-                before = await read_token_counter(client, server.url)
-                rss.reset()
-                cpu = rss.cpu_seconds()
-                start = time.perf_counter()
-                level.results = await run_closed_loop(client, server.url, args, c, total, offset)
-                level.wall = time.perf_counter() - start
-                level.cpu = rss.cpu_seconds() - cpu
-                level.peak_rss = max(rss.peak, rss.current())
-                after = await read_token_counter(client, server.url)
-                if before is not None and after is not None:
-                    level.tokens = after - before
-                offset += total
-                print(level_row(level, family), flush=True)
+            for _ in range(args.rounds):
+                levels: list[Level] = []
+                rounds.append(levels)
+                for c in args.concurrency:
+                    total = min(args.max_requests, max(c, args.min_requests, args.requests_per_client * c))
+                    level = await run_level(client, server.url, args, rss, c, total, offset)
+                    offset += total
+                    levels.append(level)
+                    print(level_row(level, family), flush=True)
     tokens_note = (
         "LLM tokens/s: 'derived' = audio s/s × 50 (Spark semantic tokens; Orpheus ×82), without the ~38 "
         "voice tokens Spark generates per request; 'metrics' = the server's generated-token counter."
@@ -449,6 +507,8 @@ async def concurrency_levels(server: Server, args: argparse.Namespace) -> None:
         "# TTFA = first non-empty body chunk; RTF = request wall / audio s (p50); server CPU cores = CPU seconds of "
         f"the server and its worker processes / wall seconds. {tokens_note}"
     )
+    if len(args.concurrency) > 1 or args.rounds > 1:
+        print(summary(rounds))
 
 
 async def sequential(server: Server, args: argparse.Namespace) -> None:
@@ -501,6 +561,9 @@ def main() -> None:
     p.add_argument("--torch_dtype", default=None)
     p.add_argument("--server_arg", action="append", help="extra 'flashtts serve' argument(s), e.g. '--max_queue 128'")
     p.add_argument("--concurrency", type=lambda s: [int(x) for x in s.split(",")], default=[1, 2, 4, 8, 16])
+    p.add_argument(
+        "--rounds", type=int, default=1, help="run the levels this many times, interleaved (a summary gives medians)"
+    )
     p.add_argument("--requests_per_client", type=int, default=2, help="requests per level = this × c")
     p.add_argument("--min_requests", type=int, default=6, help="at least this many requests per level")
     p.add_argument("--max_requests", type=int, default=64, help="cap on the requests of one level")

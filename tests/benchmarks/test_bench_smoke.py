@@ -18,8 +18,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 TIMEOUT = 240
 
-LOAD = ["-m", "benchmarks.load", "--demo", "--concurrency", "1", "--requests_per_client", "1", "--min_requests", "1"]
-LOAD += ["--warmup", "0", "--max_tokens", "64"]
+LOAD = ["-m", "benchmarks.load", "--demo", "--concurrency", "1,2", "--rounds", "2", "--requests_per_client", "1"]
+LOAD += ["--min_requests", "1", "--warmup", "0", "--max_tokens", "64"]
 COMPONENTS = ["-m", "benchmarks.components", "--batches", "1", "--tokens", "50", "--repeat", "1"]
 COMPONENTS += ["--audio_s", "1", "--requests", "1", "--max_tokens", "64"]
 
@@ -73,13 +73,19 @@ def _table_rows(text: str, header_start: str) -> list[str]:
 def test_load_prints_a_level_table(runs: dict[str, Run]) -> None:
     out = runs["load"].result()
     rows = _table_rows(out, "| c | requests | TTFA p50 ms")
-    assert len(rows) == 1
-    cells = [c.strip() for c in rows[0].strip("|").split("|")]
-    assert cells[0] == "1" and cells[1] == "1"
-    assert cells[-1] == "0", f"the request failed: {rows[0]}"
-    assert "(derived)" in cells[6] or "(metrics)" in cells[6]
-    assert re.fullmatch(r"\d+\.\d\d", cells[7])  # server CPU cores
-    assert re.fullmatch(r"\d+", cells[8])  # peak RSS in MiB
+    assert len(rows) == 4  # c=1 and c=2, two rounds, interleaved
+    table = [[c.strip() for c in row.strip("|").split("|")] for row in rows]
+    assert [(cells[0], cells[1]) for cells in table] == [("1", "1"), ("2", "2")] * 2
+    for cells, row in zip(table, rows, strict=True):
+        assert cells[-1] == "0", f"a request failed: {row}"
+        assert "(derived)" in cells[6] or "(metrics)" in cells[6]
+        assert re.fullmatch(r"\d+\.\d\d", cells[7])  # server CPU cores
+        assert re.fullmatch(r"\d+", cells[8])  # peak RSS in MiB
+    assert "# summary over 2 round(s)" in out
+    summary = [[c.strip() for c in row.strip("|").split("|")] for row in _table_rows(out, "| c | audio s / wall s")]
+    assert [cells[0] for cells in summary] == ["1", "2"]
+    assert summary[0][2] == "1.00" and summary[0][4] == "1.00"  # the base level against itself
+    assert all(re.fullmatch(r"\d+\.\d\d", cells[2]) and re.fullmatch(r"\d+\.\d\d", cells[4]) for cells in summary)
 
 
 def test_components_prints_its_tables(runs: dict[str, Run]) -> None:
