@@ -179,8 +179,17 @@ class SparkSnake(nn.Module):
         self.alpha = nn.Parameter(torch.empty(1, channels, 1))
 
     def forward(self, x: Tensor) -> Tensor:
-        """``(B, C, T)`` → ``(B, C, T)``."""
-        return x + (self.alpha + _SNAKE_EPS).reciprocal() * torch.sin(self.alpha * x).pow(2)
+        """``(B, C, T)`` → ``(B, C, T)``.
+
+        For inference one temporary, updated in place: the activation runs at the audio rate over the decoder's
+        widest tensors, where five full-size temporaries made it 1.2-4x slower on the CPU (allocation and memory
+        traffic). Same operations in the same order, so the same bits."""
+        inverse = (self.alpha + _SNAKE_EPS).reciprocal()
+        if torch.is_grad_enabled() and (x.requires_grad or self.alpha.requires_grad):
+            return x + inverse * torch.sin(self.alpha * x).pow(2)
+        out = torch.mul(x, self.alpha)
+        out.sin_().square_().mul_(inverse)
+        return out.add_(x)
 
 
 # --- mel front-end ---------------------------------------------------------------------------------------------------

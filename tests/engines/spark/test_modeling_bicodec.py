@@ -151,8 +151,22 @@ def test_snake_reference_values(alpha: float, expected: list[float]) -> None:
     snake = SparkSnake(1)
     with torch.no_grad():
         snake.alpha.fill_(alpha)
-    out = snake(torch.tensor([[[-1.0, 0.0, 0.5, 2.0]]]))
+    x = torch.tensor([[[-1.0, 0.0, 0.5, 2.0]]])
+    out = snake(x)  # with autograd: the out-of-place form
     torch.testing.assert_close(out[0, 0], torch.tensor(expected), atol=1e-6, rtol=0)
+    with torch.inference_mode():
+        assert torch.equal(snake(x), out.detach())  # the in-place form: the same bits
+    assert torch.equal(x, torch.tensor([[[-1.0, 0.0, 0.5, 2.0]]]))  # the input is left alone
+
+
+def test_snake_in_place_form_matches_on_wide_inputs() -> None:
+    snake = SparkSnake(16)
+    with torch.no_grad():
+        snake.alpha.copy_(torch.rand(1, 16, 1) + 0.1)
+    x = torch.randn(2, 16, 3000)
+    reference = snake(x).detach()
+    with torch.inference_mode():
+        assert torch.equal(snake(x), reference)
 
 
 def test_sampling_block_ratio_one_triples_and_transposes() -> None:
