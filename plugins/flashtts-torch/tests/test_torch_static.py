@@ -1,8 +1,9 @@
 """The static-cache decoding path (``cache_implementation=static``) against the dynamic path and transformers.
 
-On CPU the static path runs its decoding step eagerly, with the same batch and length buckets that CUDA graphs are
-captured for, so these tests cover the cache layout, the compaction and the bucketing; the ``gpu`` tests at the end
-compare graph replay with eager runs on a CUDA device (``pytest --run-gpu``).
+On CPU the static path runs its decoding step eagerly at the exact batch size and length (CUDA pads to the buckets
+its graphs are captured for; a test here pads on the CPU too), so these tests cover the cache layout, the compaction
+and the bucketing; the ``gpu`` tests at the end compare graph replay with eager runs on a CUDA device
+(``pytest --run-gpu``).
 """
 
 from __future__ import annotations
@@ -490,6 +491,38 @@ def _greedy(
         lengths = [n + 1 for n in lengths]
     decoder.drop(list(range(len(out))))
     return sorted(finished + out)
+
+
+@pytest.mark.parametrize("size", [3, 5])
+def test_padding_to_buckets_gives_the_exact_steps_ids(size: int, tiny_qwen2_dir: Path) -> None:
+    """On the CPU a step runs at its exact size; padded to the CUDA buckets (rows in free slots, columns up to the
+    bucket) it gives the same greedy ids, across the first length bucket and a compaction."""
+    model = _load(tiny_qwen2_dir)
+    prompts = [list(PROMPTS[i % len(PROMPTS)][i % 3 :]) for i in range(size)]
+    results: list[list[list[int]]] = []
+    with torch.inference_mode():
+        for pad in (False, True):
+            decoder = _cpu_decoder(model, slots=8, cache_len=512)
+            assert decoder.pad_to_buckets is False  # the CPU default
+            decoder.pad_to_buckets = pad
+            steps: list[tuple[int, int]] = []
+            step = decoder._step
+
+            def spy(batch: int, columns: int, step: Any = step, steps: list[tuple[int, int]] = steps) -> torch.Tensor:
+                steps.append((batch, columns))
+                return step(batch, columns)
+
+            decoder._step = spy  # type: ignore[method-assign]
+            results.append(_greedy(decoder, prompts, steps=280, drop_at=140))
+            batches = {batch for batch, _ in steps}
+            columns = {columns for _, columns in steps}
+            if pad:
+                bucket = {3: 4, 1: 1, 5: 8}  # the batch buckets of 8 slots: 1, 2, 4, 8
+                assert batches == {bucket[size], bucket[size - 2]} and columns == {256, 512}
+            else:
+                assert batches == {size, size - 2} and len(columns) == 280
+    exact, padded = results
+    assert exact == padded
 
 
 @pytest.mark.gpu

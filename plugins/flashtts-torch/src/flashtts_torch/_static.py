@@ -23,7 +23,8 @@ Decoding step of ``b`` rows (:meth:`StaticDecoder._step`): ids and positions com
 slots no sequence uses, so their cache writes land in free slots and their outputs are ignored. On CUDA (with
 ``cuda_graphs``) each ``(B, L)`` pair is captured once, lazily, into a graph sharing one memory pool with the others;
 a step then is: copy ids/positions into the buffers, replay, read ``logits[:b]``. Sampling stays outside the graph
-(the scheduler's ``sample_batch``). On CPU, or without graphs, the same function runs eagerly with the same buckets.
+(the scheduler's ``sample_batch``). Without graphs on CUDA the same function runs eagerly with the same buckets; on
+the CPU it runs eagerly at the exact batch size over exactly the columns the longest row needs (no graph to reuse).
 
 Prefill runs eagerly, one sequence at a time: causal attention over its own prompt, keys/values written into the
 next free slot, logits of the last position only.
@@ -299,6 +300,10 @@ class StaticDecoder:
         self.capacity = cache_len
         self.device = device
         self.use_graphs = cuda_graphs and device.type == "cuda"
+        # CUDA pads every step to its (batch, length) bucket: one graph per bucket, and eager steps (no graphs, or a
+        # failed capture) use the same shapes, hence the same kernels and ids. The CPU has no graph to reuse, so it
+        # runs the exact batch over exactly the columns the longest row needs (padding would only cost time).
+        self.pad_to_buckets = device.type == "cuda"
         self.graphs_captured = 0
         self._batch_buckets = batch_buckets(slots)
         self._length_buckets = length_buckets(cache_len)
@@ -410,8 +415,11 @@ class StaticDecoder:
         longest = max(positions) + 1
         if longest > self.capacity:
             raise RuntimeError(f"a row reached the end of the static cache ({self.capacity} columns)")
-        padded = _smallest_at_least(self._batch_buckets, size)
-        columns = _smallest_at_least(self._length_buckets, longest)
+        if self.pad_to_buckets:
+            padded = _smallest_at_least(self._batch_buckets, size)
+            columns = _smallest_at_least(self._length_buckets, longest)
+        else:
+            padded, columns = size, longest
         pad = [0] * (padded - size)
         host = torch.tensor([list(ids) + pad, list(positions) + pad], dtype=torch.long)
         self._io[:, :padded].copy_(host)
