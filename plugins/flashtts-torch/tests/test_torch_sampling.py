@@ -154,6 +154,22 @@ def test_batched_sampling_follows_the_distribution() -> None:
     torch.testing.assert_close(counts / 4000, expected, atol=0.03, rtol=0)
 
 
+@pytest.mark.parametrize("bias", [False, True])
+def test_vocab_subset_projection_is_the_full_projection_at_its_ids(bias: bool) -> None:
+    """The subset's own (transposed) rows of the output projection, or full logits sliced, give ``lm_head``'s
+    logits at the subset's ids."""
+    torch.manual_seed(0)
+    lm_head = torch.nn.Linear(16, 40, bias=bias)
+    ids = torch.tensor([1, 5, 7, 22, 39])
+    hidden = torch.randn(3, 16)
+    with torch.inference_mode():
+        expected = lm_head(hidden)[:, ids]
+        rows = VocabSubset(ids, 40, lm_head.weight.index_select(0, ids), None if not bias else lm_head.bias[ids])
+        assert rows.weight_t is not None and rows.weight_t.shape == (16, 5) and rows.weight_t.is_contiguous()
+        torch.testing.assert_close(rows.project(hidden, lm_head), expected)
+        torch.testing.assert_close(VocabSubset(ids, 40).project(hidden, lm_head), expected)
+
+
 def test_vocab_subset_draws_what_the_masked_vocabulary_draws() -> None:
     """Logits over a shared allowed subset (``VocabSubset``) give, row by row and seed by seed, the ids the full
     vocabulary with the allowed mask gives: same greedy pick, same draws, repetition penalty included."""
