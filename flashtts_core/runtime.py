@@ -25,9 +25,23 @@ from flashtts_core.plugins.types import BackendConfig, EngineConfig
 from flashtts_core.service import SynthesisService
 from flashtts_core.voices import VoiceStore
 
-__all__ = ("Plan", "Runtime", "available_cpus", "cpu_thread_split", "demo_model_dir", "open_runtime", "resolve")
+__all__ = (
+    "MALLOC_ARENAS",
+    "Plan",
+    "Runtime",
+    "available_cpus",
+    "cpu_thread_split",
+    "demo_model_dir",
+    "limit_malloc_arenas",
+    "open_runtime",
+    "resolve",
+)
 
 logger = logging.getLogger(__name__)
+
+#: glibc malloc arenas the server process may use (glibc's default: 8 per core).
+MALLOC_ARENAS = 4
+_M_ARENA_MAX = -8  # mallopt() parameter number (glibc <malloc.h>)
 
 
 class Plan(msgspec.Struct, kw_only=True):
@@ -99,6 +113,26 @@ def available_cpus() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # macOS, Windows
         return os.cpu_count() or 1
+
+
+def limit_malloc_arenas(limit: int = MALLOC_ARENAS) -> bool:
+    """Cap this process's glibc malloc arenas at ``limit`` (unless ``MALLOC_ARENA_MAX`` is set, which glibc has
+    applied already); True when applied. Call it before threads start allocating.
+
+    The server's threads (event loop, codec worker, encoders) allocate audio-sized buffers at the same time, glibc
+    gives each contending thread an arena of its own, and what they free stays spread over all of them: at c=8 on the
+    Spark demo the server's RSS grew for minutes to a ~950 MiB plateau with glibc's default (16 arenas on 2 cores),
+    and to ~740 MiB with 4 (or 2), at the same throughput."""
+    if "MALLOC_ARENA_MAX" in os.environ or not hasattr(os, "confstr"):
+        return False
+    try:
+        if not (os.confstr("CS_GNU_LIBC_VERSION") or "").startswith("glibc"):
+            return False
+        import ctypes
+
+        return bool(ctypes.CDLL(None).mallopt(_M_ARENA_MAX, limit))
+    except (ValueError, OSError, AttributeError):  # no such confstr name, no libc handle, no mallopt
+        return False
 
 
 def _llm_on_cpu(device: str) -> bool:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import sys
 import threading
 
 import msgspec
@@ -9,7 +11,7 @@ import pytest
 
 from flashtts_core.config import ServerSettings
 from flashtts_core.engines.common import set_torch_threads
-from flashtts_core.runtime import available_cpus, cpu_thread_split
+from flashtts_core.runtime import MALLOC_ARENAS, available_cpus, cpu_thread_split, limit_malloc_arenas
 
 
 @pytest.mark.parametrize(
@@ -99,3 +101,15 @@ async def test_engine_loads_while_an_out_of_process_backend_loads(worker: str, m
         assert runtime.backend.loads_out_of_process is (worker == "process")
         assert runtime.backend.ready and runtime.engine.ready
     assert seen == [worker == "thread"]
+
+
+def test_malloc_arenas_left_alone_when_the_environment_sets_them(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "8")
+    assert limit_malloc_arenas() is False
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="glibc's mallopt")
+def test_malloc_arenas_capped_on_glibc(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("MALLOC_ARENA_MAX", raising=False)
+    glibc = (os.confstr("CS_GNU_LIBC_VERSION") or "").startswith("glibc")
+    assert limit_malloc_arenas(MALLOC_ARENAS) is glibc

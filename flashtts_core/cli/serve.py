@@ -70,7 +70,9 @@ def run(args: argparse.Namespace) -> int:
 
     from flashtts_core.config import ServerSettings
     from flashtts_core.errors import FlashTTSError
+    from flashtts_core.runtime import limit_malloc_arenas
 
+    limit_malloc_arenas()  # before any thread allocates (see there)
     setup_logging(args.log_level)
     try:
         settings = msgspec.convert(
