@@ -45,6 +45,7 @@ class _Pending(Generic[In, Out]):
     seq: int
     item: Any = field(compare=False)
     future: asyncio.Future[Any] = field(compare=False)
+    arrived: float = field(compare=False, default=0.0)  # loop time of submit
 
 
 class _LoopState:
@@ -97,7 +98,7 @@ class DynamicBatcher(Generic[In, Out]):
             raise BackendNotReadyError(f"the {self.name} batcher is shut down")
         state = self._ensure_state()
         future: asyncio.Future[Out] = state.loop.create_future()
-        heapq.heappush(state.heap, _Pending(priority, next(self._seq), item, future))
+        heapq.heappush(state.heap, _Pending(priority, next(self._seq), item, future, state.loop.time()))
         state.wakeup.set()
         return await future
 
@@ -164,7 +165,9 @@ class DynamicBatcher(Generic[In, Out]):
             state.wakeup.clear()
             await state.wakeup.wait()
         if self.wait_timeout > 0 and self._live(state) < self.max_batch_size:
-            deadline = state.loop.time() + self.wait_timeout
+            # From the oldest waiting request's arrival: requests that queued up while the previous batch ran have
+            # waited long enough already.
+            deadline = min(p.arrived for p in state.heap if not p.future.done()) + self.wait_timeout
             while self._live(state) < self.max_batch_size:
                 remaining = deadline - state.loop.time()
                 if remaining <= 0:

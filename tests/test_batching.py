@@ -56,6 +56,30 @@ async def test_batches_are_capped_and_a_full_batch_does_not_wait() -> None:
     assert [len(b) for b in fn.batches] == [2, 2]
 
 
+async def test_the_wait_counts_from_arrival_not_from_the_end_of_the_previous_batch() -> None:
+    """A request that queued while a batch ran has waited its ``wait_timeout`` already: it starts when that batch
+    ends instead of waiting another ``wait_timeout`` for company."""
+    starts: list[float] = []
+    ends: list[float] = []
+
+    def fn(items: list[object]) -> list[object]:
+        starts.append(time.monotonic())
+        time.sleep(1.5 if len(starts) == 1 else 0.0)
+        ends.append(time.monotonic())
+        return items
+
+    batcher: DynamicBatcher[object, object] = DynamicBatcher(fn, max_batch_size=2, wait_timeout=1.0)
+    try:
+        full = [asyncio.ensure_future(batcher.submit(i)) for i in range(2)]  # a full batch starts at once
+        await asyncio.sleep(0.1)
+        queued = asyncio.ensure_future(batcher.submit("queued"))  # arrives 0.1 s into the 1.5 s batch
+        await asyncio.gather(*full, queued)
+    finally:
+        await batcher.aclose()
+    assert len(starts) == 2
+    assert starts[1] - ends[0] < 0.8  # not the full 1.0 s again after the first batch
+
+
 async def test_lower_priority_value_runs_first() -> None:
     fn = Recorder(delay=0.05)
     batcher: DynamicBatcher[object, object] = DynamicBatcher(fn, max_batch_size=1, wait_timeout=0.0)
