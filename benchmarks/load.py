@@ -280,6 +280,7 @@ class Result:
     ttfa: float | None = None  # seconds to the first non-empty body chunk
     wall: float = 0.0
     audio_s: float = 0.0
+    arrivals: list[tuple[float, float]] = field(default_factory=list)  # (perf_counter time, audio s) per chunk
 
 
 @dataclass
@@ -290,6 +291,8 @@ class Level:
     peak_rss: int = 0
     tokens: float | None = None  # from /metrics, when available
     cpu: float = 0.0  # server CPU seconds during the level
+    start: float = 0.0  # perf_counter time the level started
+    busy_until: float = 0.0  # when the last request was sent: until then all c clients had a request in flight
 
 
 def request_body(args: argparse.Namespace, i: int) -> dict[str, object]:
@@ -315,29 +318,39 @@ async def one_request(client: httpx.AsyncClient, url: str, body: dict[str, objec
             rate = int(response.headers.get("x-sample-rate", "24000"))
             first = None
             size = 0
+            arrivals: list[tuple[float, float]] = []
             async for chunk in response.aiter_raw():
-                if chunk and first is None:
-                    first = time.perf_counter() - start
+                if not chunk:
+                    continue
+                now = time.perf_counter()
+                if first is None:
+                    first = now - start
                 size += len(chunk)
+                arrivals.append((now, len(chunk) / 2 / rate))
             wall = time.perf_counter() - start
-            return Result("200", ttfa=first, wall=wall, audio_s=size / 2 / rate)
+            return Result("200", ttfa=first, wall=wall, audio_s=size / 2 / rate, arrivals=arrivals)
     except httpx.HTTPError as exc:
         return Result(type(exc).__name__, wall=time.perf_counter() - start)
 
 
 async def run_closed_loop(
     client: httpx.AsyncClient, url: str, args: argparse.Namespace, concurrency: int, total: int, offset: int
-) -> list[Result]:
-    """``concurrency`` clients share ``total`` requests; each sends its next one when the previous one ended."""
+) -> tuple[list[Result], float]:
+    """``concurrency`` clients share ``total`` requests; each sends its next one when the previous one ended.
+    Returns the results and the time the last request was sent (until then every client had one in flight)."""
     counter = iter(range(total))
     results: list[Result] = []
+    last_sent = time.perf_counter()
 
     async def worker() -> None:
+        nonlocal last_sent
         for i in counter:
+            if i == total - 1:
+                last_sent = time.perf_counter()
             results.append(await one_request(client, url, request_body(args, offset + i)))
 
     await asyncio.gather(*(worker() for _ in range(concurrency)))
-    return results
+    return results, last_sent
 
 
 async def read_token_counter(client: httpx.AsyncClient, url: str) -> float | None:
@@ -383,6 +396,17 @@ def _ok(level: Level) -> list[Result]:
 def throughput_of(level: Level) -> float:
     """Audio seconds of the successful requests per wall second of the level."""
     return sum(r.audio_s for r in _ok(level)) / level.wall if level.wall else 0.0
+
+
+def busy_throughput_of(level: Level) -> float:
+    """Audio seconds received per wall second while all c clients had a request in flight (from the level's start
+    to its last request's send): the closed loop's steady state, without the ramp-down at the end of a level, where
+    fewer and fewer clients remain. NaN when that window is too short to mean anything (under a second)."""
+    window = level.busy_until - level.start
+    if window < 1.0:
+        return float("nan")
+    audio = sum(a for r in _ok(level) for t, a in r.arrivals if t <= level.busy_until)
+    return audio / window
 
 
 def ttfa_p50_of(level: Level) -> float:
@@ -444,20 +468,20 @@ def summary(rounds: list[list[Level]]) -> str:
     single figures by ±20 % over minutes."""
     base = rounds[0][0].concurrency
     lines = [
-        f"# summary over {len(rounds)} round(s): medians; ratios against c={base} of the same round",
-        f"| c | audio s / wall s | × c={base} | TTFA p50 ms | × c={base} |",
-        "|---|---|---|---|---|",
+        f"# summary over {len(rounds)} round(s): medians; ratios against c={base} of the same round; 'all busy' = "
+        "audio received while every client had a request in flight (no ramp-down at the level's end)",
+        f"| c | audio s / wall s | × c={base} | all busy: audio s / wall s | × c={base} | TTFA p50 ms | × c={base} |",
+        "|---|---|---|---|---|---|---|",
     ]
+    figures = {"whole": throughput_of, "busy": busy_throughput_of, "ttfa": ttfa_p50_of}
     for index, level in enumerate(rounds[0]):
         pairs = [(levels[index], levels[0]) for levels in rounds]  # (this level, the round's base level)
-        throughput = [throughput_of(lv) for lv, _ in pairs]
-        ttfa = [ttfa_p50_of(lv) for lv, _ in pairs]
-        throughput_ratio = [_ratio(throughput_of(lv), throughput_of(base)) for lv, base in pairs]
-        ttfa_ratio = [_ratio(ttfa_p50_of(lv), ttfa_p50_of(base)) for lv, base in pairs]
-        lines.append(
-            f"| {level.concurrency} | {statistics.median(throughput):.2f} | {statistics.median(throughput_ratio):.2f} "
-            f"| {statistics.median(ttfa):.0f} | {statistics.median(ttfa_ratio):.2f} |"
-        )
+        cells: list[str] = []
+        for name, figure in figures.items():
+            value = statistics.median(figure(lv) for lv, _ in pairs)
+            ratio = statistics.median(_ratio(figure(lv), figure(base)) for lv, base in pairs)
+            cells += [f"{value:.0f}" if name == "ttfa" else f"{value:.2f}", f"{ratio:.2f}"]
+        lines.append(f"| {level.concurrency} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -468,8 +492,8 @@ async def run_level(
     before = await read_token_counter(client, url)
     rss.reset()
     cpu = rss.cpu_seconds()
-    start = time.perf_counter()
-    level.results = await run_closed_loop(client, url, args, c, total, offset)
+    level.start = start = time.perf_counter()
+    level.results, level.busy_until = await run_closed_loop(client, url, args, c, total, offset)
     level.wall = time.perf_counter() - start
     level.cpu = rss.cpu_seconds() - cpu
     level.peak_rss = max(rss.peak, rss.current())
