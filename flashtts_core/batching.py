@@ -12,7 +12,9 @@ share one forward pass. The original server's batcher (reference-behaviour §5) 
 Scheduling: a batch starts when ``max_batch_size`` live requests are waiting or ``wait_timeout`` seconds after the
 first of them arrived (the window is *not* restarted by later arrivals, so a steady trickle cannot delay a request
 indefinitely). Requests are taken by ascending ``priority`` and then arrival order, so an engine can put the first
-audio chunk of a new request ahead of later chunks of running ones. An exception from ``fn`` fails only the batch
+audio chunk of a new request ahead of later chunks of running ones. With ``overtake`` (for a thread-safe ``fn``),
+priority-0 requests do not even wait for a running batch of later ones: they start a batch of their own beside it
+(at most one such batch at a time). An exception from ``fn`` fails only the batch
 it was raised for; with ``retry_individually`` each item of a failed multi-item batch is re-run alone, so one bad
 input cannot fail the requests that merely shared its batch.
 """
@@ -56,6 +58,8 @@ class _LoopState:
         self.heap: list[_Pending[Any, Any]] = []
         self.wakeup = asyncio.Event()
         self.worker: asyncio.Task[None] | None = None
+        self.running: int | None = None  # the best (lowest) priority in the worker's running batch
+        self.overtaking: asyncio.Task[None] | None = None  # a priority-0 batch running beside the worker's
 
 
 class DynamicBatcher(Generic[In, Out]):
@@ -73,6 +77,7 @@ class DynamicBatcher(Generic[In, Out]):
         wait_timeout: float = 0.01,
         name: str = "batcher",
         retry_individually: bool = True,
+        overtake: bool = False,
     ) -> None:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be at least 1, got {max_batch_size}")
@@ -83,6 +88,8 @@ class DynamicBatcher(Generic[In, Out]):
         self.wait_timeout = wait_timeout
         self.name = name
         self.retry_individually = retry_individually
+        # Priority-0 items may run beside a running batch of later items: fn must be safe to call from two threads.
+        self.overtake = overtake
         self._seq = itertools.count()
         self._state: _LoopState | None = None
         self._closed = False
@@ -100,6 +107,14 @@ class DynamicBatcher(Generic[In, Out]):
         future: asyncio.Future[Out] = state.loop.create_future()
         heapq.heappush(state.heap, _Pending(priority, next(self._seq), item, future, state.loop.time()))
         state.wakeup.set()
+        if (
+            self.overtake
+            and priority == 0
+            and state.running is not None
+            and state.running > 0
+            and (state.overtaking is None or state.overtaking.done())
+        ):
+            state.overtaking = state.loop.create_task(self._overtake(state), name=f"{self.name}-overtake")
         return await future
 
     async def aclose(self) -> None:
@@ -113,16 +128,17 @@ class DynamicBatcher(Generic[In, Out]):
             if not pending.future.done():
                 pending.future.set_exception(error)
         state.heap.clear()
-        worker = state.worker
-        if worker is not None and not worker.done():
-            worker.cancel()
+        tasks = [t for t in (state.worker, state.overtaking) if t is not None and not t.done()]
+        for task in tasks:
+            task.cancel()
+        if tasks:
             try:
                 running = asyncio.get_running_loop()
             except RuntimeError:
                 running = None
             if running is state.loop:
-                # asyncio.wait does not re-raise the worker's CancelledError (nor swallow one aimed at us).
-                await asyncio.wait([worker])
+                # asyncio.wait does not re-raise the tasks' CancelledError (nor swallow one aimed at us).
+                await asyncio.wait(tasks)
 
     # --- internals --------------------------------------------------------------------------------------------
 
@@ -142,18 +158,38 @@ class DynamicBatcher(Generic[In, Out]):
         while True:
             batch = await self._gather(state)
             if batch:
+                state.running = batch[0].priority  # popped in priority order: the batch's best
                 try:
-                    await self._run(batch)
-                except asyncio.CancelledError:
-                    for pending in batch:
-                        if not pending.future.done():
-                            pending.future.cancel()
-                    raise
-                except BaseException as exc:  # pragma: no cover - _run handles fn errors itself
-                    logger.exception("%s worker error", self.name)
-                    for pending in batch:
-                        if not pending.future.done():
-                            pending.future.set_exception(exc)
+                    await self._run_guarded(batch)
+                finally:
+                    state.running = None
+
+    async def _overtake(self, state: _LoopState) -> None:
+        """Run the waiting priority-0 items beside the worker's batch of later ones, until it ends or none wait."""
+        while state.running is not None and state.running > 0:
+            batch: list[_Pending[In, Out]] = []
+            while state.heap and state.heap[0].priority == 0 and len(batch) < self.max_batch_size:
+                pending = heapq.heappop(state.heap)
+                if not pending.future.done():
+                    batch.append(pending)
+            if not batch:
+                return
+            await self._run_guarded(batch)
+
+    async def _run_guarded(self, batch: list[_Pending[In, Out]]) -> None:
+        """:meth:`_run`, failing or cancelling the batch's futures when it is interrupted."""
+        try:
+            await self._run(batch)
+        except asyncio.CancelledError:
+            for pending in batch:
+                if not pending.future.done():
+                    pending.future.cancel()
+            raise
+        except BaseException as exc:  # pragma: no cover - _run handles fn errors itself
+            logger.exception("%s worker error", self.name)
+            for pending in batch:
+                if not pending.future.done():
+                    pending.future.set_exception(exc)
 
     def _live(self, state: _LoopState) -> int:
         return sum(1 for p in state.heap if not p.future.done())

@@ -80,6 +80,37 @@ async def test_the_wait_counts_from_arrival_not_from_the_end_of_the_previous_bat
     assert starts[1] - ends[0] < 0.8  # not the full 1.0 s again after the first batch
 
 
+async def test_overtake_runs_first_audio_beside_a_running_batch_of_later_items() -> None:
+    """With ``overtake``, a priority-0 item does not wait for a running batch of later ones; without it, it does."""
+    for overtake in (True, False):
+        release, started = threading.Event(), threading.Event()
+
+        def fn(
+            items: list[object], release: threading.Event = release, started: threading.Event = started
+        ) -> list[object]:
+            if "slow" in items:
+                started.set()
+                assert release.wait(30)
+            return items
+
+        batcher: DynamicBatcher[object, object] = DynamicBatcher(
+            fn, max_batch_size=4, wait_timeout=0.0, overtake=overtake
+        )
+        try:
+            slow = asyncio.ensure_future(batcher.submit("slow", priority=1))
+            assert await asyncio.to_thread(started.wait, 30)  # the later batch is running
+            urgent = asyncio.ensure_future(batcher.submit("urgent", priority=0))
+            later = asyncio.ensure_future(batcher.submit("later", priority=1))
+            done, _ = await asyncio.wait([urgent], timeout=2.0)
+            assert (urgent in done) is overtake
+            assert not later.done()  # later items never overtake
+            release.set()
+            assert await asyncio.gather(slow, urgent, later) == ["slow", "urgent", "later"]
+        finally:
+            release.set()
+            await batcher.aclose()
+
+
 async def test_lower_priority_value_runs_first() -> None:
     fn = Recorder(delay=0.05)
     batcher: DynamicBatcher[object, object] = DynamicBatcher(fn, max_batch_size=1, wait_timeout=0.0)

@@ -193,6 +193,7 @@ class OrpheusEngine(EngineBase):
             max_batch_size=self.config.batch_size,
             wait_timeout=self.config.wait_timeout,
             name="orpheus-snac",
+            overtake=True,  # a first window need not wait for a running batch of later ones (SNAC keeps no state)
         )
         logger.info(
             "orpheus engine ready: language %s, voices %s, SNAC from %s on %s",

@@ -209,8 +209,10 @@ class SparkEngine(EngineBase):
         self._encode_batcher = DynamicBatcher(
             self._encode_batch, max_batch_size=batch, wait_timeout=wait, name="spark-tokenizer"
         )
+        # overtake: a request's first window need not wait for a running batch of later windows (the BiCodec
+        # decode keeps no state between calls, so two may run at once).
         self._decode_batcher = DynamicBatcher(
-            self._decode_batch, max_batch_size=batch, wait_timeout=wait, name="spark-detokenizer"
+            self._decode_batch, max_batch_size=batch, wait_timeout=wait, name="spark-detokenizer", overtake=True
         )
         if self.options.fix_voice:
             self._pinned = await anyio.to_thread.run_sync(self._load_pinned)
