@@ -57,27 +57,19 @@ async def test_batches_are_capped_and_a_full_batch_does_not_wait() -> None:
 
 
 async def test_the_wait_counts_from_arrival_not_from_the_end_of_the_previous_batch() -> None:
-    """A request that queued while a batch ran has waited its ``wait_timeout`` already: it starts when that batch
-    ends instead of waiting another ``wait_timeout`` for company."""
-    starts: list[float] = []
-    ends: list[float] = []
-
-    def fn(items: list[object]) -> list[object]:
-        starts.append(time.monotonic())
-        time.sleep(1.5 if len(starts) == 1 else 0.0)
-        ends.append(time.monotonic())
-        return items
-
-    batcher: DynamicBatcher[object, object] = DynamicBatcher(fn, max_batch_size=2, wait_timeout=1.0)
+    """A request that queued while a batch ran has waited its ``wait_timeout`` already: the gathering window counts
+    from its arrival, so it starts at once instead of waiting another ``wait_timeout`` for company. Here it arrived
+    (backdated) an hour ago with an hour's window; counted from the start of gathering it would wait an hour."""
+    batcher: DynamicBatcher[object, object] = DynamicBatcher(Recorder(), max_batch_size=4, wait_timeout=3600.0)
     try:
-        full = [asyncio.ensure_future(batcher.submit(i)) for i in range(2)]  # a full batch starts at once
-        await asyncio.sleep(0.1)
-        queued = asyncio.ensure_future(batcher.submit("queued"))  # arrives 0.1 s into the 1.5 s batch
-        await asyncio.gather(*full, queued)
+        result = asyncio.ensure_future(batcher.submit("queued"))
+        await asyncio.sleep(0)  # submit has queued the item; the worker it started has not gathered yet
+        state = batcher._state
+        assert state is not None and len(state.heap) == 1
+        state.heap[0].arrived -= 3600.0
+        assert await asyncio.wait_for(result, timeout=30) == "rqueued"
     finally:
         await batcher.aclose()
-    assert len(starts) == 2
-    assert starts[1] - ends[0] < 0.8  # not the full 1.0 s again after the first batch
 
 
 async def test_overtake_runs_first_audio_beside_a_running_batch_of_later_items() -> None:
@@ -101,7 +93,8 @@ async def test_overtake_runs_first_audio_beside_a_running_batch_of_later_items()
             assert await asyncio.to_thread(started.wait, 30)  # the later batch is running
             urgent = asyncio.ensure_future(batcher.submit("urgent", priority=0))
             later = asyncio.ensure_future(batcher.submit("later", priority=1))
-            done, _ = await asyncio.wait([urgent], timeout=2.0)
+            # "slow" is blocked until release: without overtake "urgent" cannot finish, however long we wait.
+            done, _ = await asyncio.wait([urgent], timeout=30.0 if overtake else 0.5)
             assert (urgent in done) is overtake
             assert not later.done()  # later items never overtake
             release.set()
