@@ -83,10 +83,6 @@ class AdmissionQueue(Generic[T]):
             admitted.append(items.popleft()[1])
         return admitted
 
-    def popleft(self) -> T:
-        """The next item in admission order; ``IndexError`` when empty."""
-        return self._items.popleft()[1]
-
     def remove(self, item: T) -> None:
         """Forget ``item`` (compared by identity); ``ValueError`` when it is not queued."""
         for index, (_, queued) in enumerate(self._items):

@@ -18,7 +18,7 @@ def _queue(*entries: tuple[str, int]) -> AdmissionQueue[str]:
 def test_first_audio_goes_ahead_of_later_segments_in_arrival_order() -> None:
     queue = _queue(("a1", LATER_AUDIO), ("b0", FIRST_AUDIO), ("a2", LATER_AUDIO), ("c0", FIRST_AUDIO))
     assert list(queue) == ["b0", "c0", "a1", "a2"]
-    assert [queue.popleft() for _ in range(len(queue))] == ["b0", "c0", "a1", "a2"]
+    assert queue.take(4) == ["b0", "c0", "a1", "a2"]
     assert not queue
 
 
@@ -53,7 +53,7 @@ def test_remove_by_identity() -> None:
     queue.append(first)
     queue.append(second)
     queue.remove(second)
-    assert len(queue) == 1 and queue.popleft() is first
+    assert len(queue) == 1 and queue.take(1)[0] is first
     with pytest.raises(ValueError):
         queue.remove(second)
     queue.append(first)

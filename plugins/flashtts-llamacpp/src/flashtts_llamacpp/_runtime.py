@@ -12,7 +12,8 @@ step read the last position's logits with ``llama_get_logits_ith(ctx, -1)``, pic
 
 Concurrency: llama-cpp-python's ``Llama`` holds one sequence per context and cannot share weights between
 contexts, so the runtime keeps ``contexts`` independent ``Llama`` instances (default 1), each owned by one worker
-thread. Requests wait in one FIFO queue; a free worker takes the oldest. Nothing is ever refused for being busy.
+thread. Requests wait in one queue, by ``GenerationRequest.priority`` and then arrival; a free worker takes the first.
+Nothing is ever refused for being busy.
 """
 
 from __future__ import annotations
