@@ -18,6 +18,7 @@ from flashtts_sglang.backend import (
     OutputTracker,
     allowed_key,
     model_max_positions,
+    priority_kwargs,
     sampling_params,
     server_kwargs,
 )
@@ -144,6 +145,22 @@ def test_sampling_params() -> None:
     json.dumps(params)  # custom_params must stay JSON-safe (SGLang sends them over msgpack)
     assert sampling_params(SamplingParams(top_k=20))["top_k"] == 20
     assert "custom_params" not in sampling_params(sampling, allowed_ids=False)
+
+
+def test_priority_is_passed_only_to_a_priority_scheduler_in_its_order() -> None:
+    """FlashTTS's 0 (first audio) must run before 1 (later audio): SGLang runs larger values first by default, so the
+    value is negated, kept under schedule_low_priority_values_first, and left out without priority scheduling or
+    where async_generate has no priority parameter."""
+    takes = {"input_ids", "sampling_params", "stream", "rid", "priority"}
+    on = {"enable_priority_scheduling": True}
+    first, later = priority_kwargs(0, on, takes)["priority"], priority_kwargs(1, on, takes)["priority"]
+    assert first > later
+    low_first = {**on, "schedule_low_priority_values_first": True}
+    assert priority_kwargs(0, low_first, takes) == {"priority": 0}
+    assert priority_kwargs(1, low_first, takes) == {"priority": 1}
+    assert priority_kwargs(1, {}, takes) == {}
+    assert priority_kwargs(1, {"enable_priority_scheduling": False}, takes) == {}
+    assert priority_kwargs(1, on, takes - {"priority"}) == {}
 
 
 def test_allowed_key_is_stable_and_distinguishes_sets() -> None:

@@ -11,6 +11,8 @@ sampling_params=..., stream=True, rid=...)``; SGLang batches all requests contin
 Streamed outputs are cumulative unless the engine runs with ``incremental_streaming_output`` (set when this SGLang
 has it); :class:`OutputTracker` turns either into deltas. Closing or cancelling the consumer aborts the request
 (``engine.abort_request(rid)``, or ``engine.tokenizer_manager.abort_request(rid)`` on versions without it).
+With ``extra={"enable_priority_scheduling": true}`` a request's first segment is scheduled ahead of other requests'
+later segments (:func:`priority_kwargs`).
 """
 
 from __future__ import annotations
@@ -56,6 +58,7 @@ __all__ = (
     "SglangBackend",
     "allowed_key",
     "gpu_visible",
+    "priority_kwargs",
     "sampling_params",
     "server_kwargs",
 )
@@ -88,6 +91,19 @@ def model_max_positions(model_dir: Path) -> int | None:
     text = config.get("text_config") or config
     value = text.get("max_position_embeddings") or config.get("max_position_embeddings")
     return int(value) if value else None
+
+
+def priority_kwargs(priority: int, server: Mapping[str, Any], generate_params: Collection[str]) -> dict[str, Any]:
+    """The ``priority`` argument of ``async_generate`` for a FlashTTS priority (0 = a request's first audio, most
+    urgent; larger = later), or nothing.
+
+    Only with ``enable_priority_scheduling`` in the engine's ``server`` arguments (otherwise SGLang ignores a priority,
+    or aborts the request under ``abort_on_priority_when_disabled``) and an ``async_generate`` that takes one
+    (``generate_params``). SGLang runs larger values first unless ``schedule_low_priority_values_first`` is set, so
+    the value is negated then."""
+    if not server.get("enable_priority_scheduling") or "priority" not in generate_params:
+        return {}
+    return {"priority": priority if server.get("schedule_low_priority_values_first") else -priority}
 
 
 def server_kwargs(
@@ -237,6 +253,8 @@ class SglangBackend(BackendBase):
         self._capabilities: BackendCapabilities | None = None
         self._incremental = False
         self._processor: str | None = None  # serialised AllowedTokenIdsProcessor
+        self._server: dict[str, Any] = {}  # the engine's ServerArgs, as passed
+        self._generate_params: frozenset[str] = frozenset()  # what this SGLang's async_generate takes
         self._vocab_size = 0
         self._inflight: set[str] = set()
 
@@ -298,6 +316,10 @@ class SglangBackend(BackendBase):
 
     def _adopt(self, engine: Any, kwargs: dict[str, Any]) -> None:
         manager = engine.tokenizer_manager
+        self._server = dict(kwargs)
+        self._generate_params = frozenset(inspect.signature(engine.async_generate).parameters)
+        if kwargs.get("enable_priority_scheduling") and "priority" not in self._generate_params:
+            logger.warning("this SGLang's async_generate takes no priority: requests are admitted first come first")
         model_config = getattr(manager, "model_config", None)
         vocab = getattr(model_config, "vocab_size", None)
         if vocab is None:
@@ -354,7 +376,7 @@ class SglangBackend(BackendBase):
         params = sampling_params(request.sampling, allowed_ids=self._processor is not None)
         rid = f"{request.request_id}-{uuid.uuid4().hex[:12]}"
         tracker = OutputTracker(incremental=self._incremental, stop_ids=request.sampling.stop_token_ids)
-        extra: dict[str, Any] = {}
+        extra: dict[str, Any] = priority_kwargs(request.priority, self._server, self._generate_params)
         if "custom_params" in params:
             extra["custom_logit_processor"] = self._processor
         finished = False
