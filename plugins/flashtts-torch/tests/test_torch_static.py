@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from flashtts_torch import TorchBackend
+from flashtts_torch import TorchBackend, _static
 from flashtts_torch._runtime import DynamicDecoder
 from flashtts_torch._static import (
     MIN_LENGTH_BUCKET,
@@ -252,6 +253,31 @@ def test_vocab_subset_logits_are_the_full_logits_at_those_ids(decoder_kind: str,
             torch.testing.assert_close(logits[i], full[ids], atol=1e-4, rtol=1e-4)
 
 
+def test_near_full_vocab_subset_copies_its_rows_only_while_the_copy_is_small(
+    tiny_qwen2_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A subset of all ids but one: its rows of lm_head are copied while that copy is small (the mask pass and the
+    projection rows it saves pay for it); over ``SUBSET_COPY_BYTES`` the decoder slices full logits instead. Either
+    way the logits are the full logits at the subset's ids."""
+    model = _load(tiny_qwen2_dir)
+    vocab = model.config.vocab_size
+    ids = torch.arange(1, vocab)
+    prompt = list(PROMPTS[0])
+    with torch.inference_mode():
+        full = model(input_ids=torch.tensor([prompt])).logits[0, -1]
+        decoder = _cpu_decoder(model, slots=1, cache_len=256)
+        small = decoder.vocab_subset(ids)
+        assert small.weight_t is not None and small.weight_t.shape == (model.config.hidden_size, vocab - 1)
+        monkeypatch.setattr(_static, "SUBSET_COPY_BYTES", 0)
+        large = decoder.vocab_subset(ids)
+        assert large.weight_t is None
+        for subset in (small, large):
+            logits = decoder.prefill(prompt, subset)
+            torch.testing.assert_close(logits[0], full[ids], atol=1e-4, rtol=1e-4)
+        # A smaller share is always copied, whatever its size.
+        assert decoder.vocab_subset(ids[: vocab // 2]).weight_t is not None
+
+
 def test_failed_capture_falls_back_to_eager(tiny_qwen2_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A graph capture that raises does not fail the step (nor later ones): the decoder goes on eagerly."""
     model = _load(tiny_qwen2_dir)
@@ -316,6 +342,39 @@ async def test_seeded_sampling_matches_dynamic(arch: str, request: pytest.Fixtur
     async with _started(model_dir, cache_implementation="static") as backend:
         static = await _together(backend, requests)
     assert static == dynamic
+
+
+async def test_near_full_allowed_set_samples_over_its_own_logits(tiny_qwen2_dir: Path) -> None:
+    """Allowed ids = the vocabulary minus a few ids the unconstrained model picks: the runtime gives the set logits
+    of its own (a subset, not a mask over the full vocabulary), the excluded ids never come out, and greedy and
+    seeded draws (penalty included) are the dynamic path's, which masks."""
+    async with _started(tiny_qwen2_dir, cache_implementation="dynamic") as backend:
+        free = await _solo(backend, [make_request(PROMPTS[0], max_tokens=12, temperature=0.0)])
+    excluded = set(free[0][:3])
+    vocab = int(json.loads((tiny_qwen2_dir / "config.json").read_text())["vocab_size"])
+    allowed = frozenset(range(vocab)) - excluded
+    requests = [
+        make_request(PROMPTS[0], request_id="g", max_tokens=24, temperature=0.0, allowed_token_ids=allowed),
+        make_request(
+            PROMPTS[1],
+            request_id="s",
+            max_tokens=24,
+            temperature=0.9,
+            top_k=40,
+            top_p=0.95,
+            repetition_penalty=1.1,
+            seed=3,
+            allowed_token_ids=allowed,
+        ),
+    ]
+    async with _started(tiny_qwen2_dir, cache_implementation="dynamic") as backend:
+        dynamic = await _together(backend, requests)
+    async with _started(tiny_qwen2_dir, cache_implementation="static") as backend:
+        static = await _together(backend, requests)
+        runtime = backend._runtime
+        assert runtime is not None and runtime._vocab_subsets[allowed] is not None
+    assert static == dynamic
+    assert not excluded & {token for ids in static for token in ids}
 
 
 async def test_rows_joining_and_leaving_midstream(tiny_qwen2_dir: Path) -> None:

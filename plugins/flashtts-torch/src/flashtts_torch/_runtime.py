@@ -82,9 +82,8 @@ logger = logging.getLogger(__name__)
 
 _NEG_INF = float("-inf")
 _MAX_CACHED_MASKS = 32
-# Allowed-id sets of at most this share of the vocabulary get logits of their own (VocabSubset); a few are kept (each
-# may hold a copy of its rows of the output projection).
-_SUBSET_SHARE = 0.9
+# Allowed-id sets smaller than the vocabulary get logits of their own (VocabSubset); a few are kept (each may hold a
+# copy of its rows of the output projection, see StaticDecoder.vocab_subset).
 _MAX_CACHED_SUBSETS = 4
 
 
@@ -961,13 +960,14 @@ class TorchRuntime:
         return mask
 
     def _vocab_subset(self, allowed: frozenset[int]) -> VocabSubset | None:
-        """The decoder's subset for ``allowed``, cached per set like the masks; ``None`` when the set covers most of
-        the vocabulary (gathering would cost more than it saves)."""
+        """The decoder's subset for ``allowed``, cached per set like the masks; ``None`` when the set is the whole
+        vocabulary. Any smaller set is worth one: its logits cost at most the full ones, and sampling skips the mask
+        (one pass over ``(rows, vocab)``) and the columns outside it."""
         if allowed in self._vocab_subsets:
             self._vocab_subsets.move_to_end(allowed)
             return self._vocab_subsets[allowed]
         subset = None
-        if len(allowed) <= _SUBSET_SHARE * self.vocab_size:
+        if len(allowed) < self.vocab_size:
             assert self._decoder is not None
             ids = torch.tensor(sorted(allowed), dtype=torch.long, device=self.device)
             subset = self._decoder.vocab_subset(ids)

@@ -45,6 +45,8 @@ from flashtts_torch._runtime import VocabSubset
 
 __all__ = (
     "MIN_LENGTH_BUCKET",
+    "SUBSET_COPY_BYTES",
+    "SUBSET_COPY_SHARE",
     "SUPPORTED_ARCHITECTURES",
     "ModelLayout",
     "StaticDecoder",
@@ -65,6 +67,11 @@ SUPPORTED_ARCHITECTURES: tuple[str, ...] = (
     "Qwen2ForCausalLM",
     "Qwen3ForCausalLM",
 )
+
+#: A vocabulary subset above this share of the vocabulary gets its own copy of the output projection's rows only
+#: when that copy takes at most SUBSET_COPY_BYTES (:meth:`StaticDecoder.vocab_subset`).
+SUBSET_COPY_SHARE = 0.9
+SUBSET_COPY_BYTES = 64 * 2**20
 
 #: Smallest attention length bucket (columns read by a decoding step); buckets double up to the cache length.
 MIN_LENGTH_BUCKET = 256
@@ -351,11 +358,16 @@ class StaticDecoder:
     # --- scheduler interface ---------------------------------------------------------------------------------
 
     def vocab_subset(self, ids: torch.Tensor) -> VocabSubset:
-        """``ids`` as a vocabulary of their own, with a copy of their rows of the output projection (``lm_head`` of
-        another kind than a plain linear layer: full logits, then sliced)."""
+        """``ids`` as a vocabulary of their own, with a copy of their rows of the output projection. Full logits,
+        then sliced, where that copy is not worth it: an ``lm_head`` of another kind than a plain linear layer, or a
+        subset that is nearly the whole vocabulary (the projection would shrink by a few percent) and whose copy
+        would be large (over :data:`SUBSET_COPY_BYTES`; a small one always pays, the mask pass it saves included)."""
         lm_head = self._layout.lm_head
         vocab_size = self._layout.vocab_size
         if not isinstance(lm_head, nn.Linear):
+            return VocabSubset(ids, vocab_size)
+        copy_bytes = ids.numel() * lm_head.weight.shape[1] * lm_head.weight.element_size()
+        if ids.numel() > SUBSET_COPY_SHARE * vocab_size and copy_bytes > SUBSET_COPY_BYTES:
             return VocabSubset(ids, vocab_size)
         bias = None if lm_head.bias is None else lm_head.bias.index_select(0, ids)
         return VocabSubset(ids, vocab_size, lm_head.weight.index_select(0, ids), bias)
