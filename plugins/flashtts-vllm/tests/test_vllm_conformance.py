@@ -28,6 +28,11 @@ from flashtts_core.testing.conformance import BackendConformance, generate, make
 # (gpu_memory_utilization is a fraction of host memory on the CPU platform).
 _CPU_OPTIONS: dict[str, Any] = {"enforce_eager": True, "extra": {"kv_cache_memory_bytes": 256 * 2**20}}
 _GPU_OPTIONS: dict[str, Any] = {"enforce_eager": True}
+# The same under vLLM's priority scheduler: the backend passes GenerationRequest.priority on (first audio first).
+_CPU_PRIORITY_OPTIONS: dict[str, Any] = {
+    "enforce_eager": True,
+    "extra": {"kv_cache_memory_bytes": 256 * 2**20, "scheduling_policy": "priority"},
+}
 
 
 def _platform() -> str:
@@ -66,6 +71,8 @@ def _gpu_config(model_dir: Path, **overrides: object) -> BackendConfig:
 
 
 class TestVllmQwen2(BackendConformance):
+    """Under vLLM's priority scheduler (``TestVllmLlama`` keeps the default first-come-first-served one)."""
+
     @pytest.fixture(scope="class")
     @classmethod
     def backend_cls(cls) -> type[BackendBase]:
@@ -74,7 +81,12 @@ class TestVllmQwen2(BackendConformance):
     @pytest.fixture(scope="class")
     @classmethod
     def backend_config(cls, tiny_qwen2_dir: Path) -> BackendConfig:
-        return _cpu_config(tiny_qwen2_dir)
+        return _cpu_config(tiny_qwen2_dir, options=_CPU_PRIORITY_OPTIONS)
+
+    @pytest.fixture(scope="class")
+    @classmethod
+    def admits_by_priority(cls) -> bool:
+        return True
 
     async def test_seeded_sampling_differs_by_seed(
         self, backend: BackendBase, prompt_token_ids: tuple[int, ...], timeout_s: float
