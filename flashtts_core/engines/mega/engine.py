@@ -44,9 +44,10 @@ import hashlib
 import importlib.util
 import json
 import logging
+import threading
 from collections import Counter
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
 
@@ -169,10 +170,12 @@ class _AlignJob:
 
 @dataclass
 class _RequestVoice:
-    """A request's reference; the duration-LM prompt state is computed on first use, in the model thread."""
+    """A request's reference; the duration-LM prompt state is computed on first use, in a model thread (``lock``: two
+    batches running at once, see ``overtake``, may plan segments of the same request)."""
 
     voice: ReferenceVoice
     prepared: PreparedPrompt | None = None
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
 
 @dataclass
@@ -220,6 +223,7 @@ class MegaEngine(EngineBase):
         self._fingerprint: str | None = None
         #: DiT sampling runs, keyed by the number of segments sampled together (observability and tests).
         self.dit_batch_sizes: Counter[int] = Counter()
+        self._counts_lock = threading.Lock()  # two model batches may run at once (overtake)
 
     # --- discovery -----------------------------------------------------------------------------------------------
 
@@ -266,6 +270,10 @@ class MegaEngine(EngineBase):
             max_batch_size=self.config.batch_size,
             wait_timeout=self.config.wait_timeout,
             name="mega-models",
+            # A first chunk's work need not wait for a running batch of later chunks: the model calls keep no state
+            # between calls (the duration LM copies the prompt state, each DiT sample has its own generator) and a
+            # request's prompt state is made once under its voice's lock.
+            overtake=True,
         )
         logger.info(
             "mega engine ready (aligner on %s in %s, DiT/duration/WaveVAE on %s in %s; batches of up to %d)",
@@ -410,11 +418,14 @@ class MegaEngine(EngineBase):
         from flashtts_core.engines.mega.synthesis import plan_segment, prepare_prompt
 
         models = self._models()
-        if job.voice.prepared is None:
-            job.voice.prepared = prepare_prompt(models, job.voice.voice)
+        voice = job.voice
+        if voice.prepared is None:
+            with voice.lock:  # once per request, also when two batches plan its segments at the same time
+                if voice.prepared is None:
+                    voice.prepared = prepare_prompt(models, voice.voice)
         return plan_segment(
             models,
-            job.voice.prepared,
+            voice.prepared,
             job.phones,
             job.tones,
             is_first=job.is_first,
@@ -457,12 +468,14 @@ class MegaEngine(EngineBase):
                 except Exception as item_exc:
                     out[k] = _Failure(item_exc)
                 else:
-                    self.dit_batch_sizes[1] += 1
+                    with self._counts_lock:
+                        self.dit_batch_sizes[1] += 1
             return out
         for k, latent in zip(good, latents, strict=True):
             out[k] = latent
-        for size in Counter(samples[k].steps for k in good).values():
-            self.dit_batch_sizes[size] += 1
+        with self._counts_lock:
+            for size in Counter(samples[k].steps for k in good).values():
+                self.dit_batch_sizes[size] += 1
         return out
 
     async def _submit(self, job: _Job, *, priority: int = 1) -> Any:

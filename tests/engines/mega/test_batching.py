@@ -190,6 +190,55 @@ def test_a_failing_item_fails_alone(
         np.testing.assert_allclose(latent, expected, atol=1e-5)
 
 
+def test_two_model_batches_at_once_give_their_solo_results(
+    batching_engine: MegaEngine, mega_prompt: VoicePrompt, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What ``overtake`` relies on: two batches of model work running at the same time in two threads (a first
+    chunk's batch beside a running batch of later ones) give each item its solo result, and segments of one request
+    planned in both make its duration-LM prompt state once."""
+    import threading
+
+    from flashtts_core.engines.mega import synthesis
+
+    engine = batching_engine
+    assert engine._batcher is not None and engine._batcher.overtake
+    voice = ReferenceVoice.from_data(dict(mega_prompt.data))
+    seeds = ((1, 2), (3, 4))
+    solo = [[engine._run_jobs([_job(voice, seed)])[0] for seed in pair] for pair in seeds]
+
+    calls: list[int] = []
+    original = synthesis.prepare_prompt
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(synthesis, "prepare_prompt", counted)  # the engine imports it at call time
+    shared = _RequestVoice(voice)
+    batches = [[_job(voice, seed) for seed in pair] for pair in seeds]
+    for batch in batches:
+        for job in batch:
+            job.voice = shared
+    start = threading.Barrier(2)
+    results: list[list[Any]] = [[], []]
+
+    def run(index: int) -> None:
+        start.wait()
+        results[index] = engine._run_jobs(batches[index])
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert len(calls) == 1
+    for got, expected in zip(results, solo, strict=True):
+        assert len(got) == len(expected)
+        for latent, reference in zip(got, expected, strict=True):
+            assert not isinstance(latent, _Failure), latent
+            np.testing.assert_allclose(latent, reference, atol=1e-5)
+
+
 def test_dtype_option_and_resolution(mega_engine: MegaEngine) -> None:
     def engine(torch_dtype: str = "auto", **options: Any) -> MegaEngine:
         config = EngineConfig(model_dir=mega_engine.config.model_dir, dtype=torch_dtype, options=options)  # type: ignore[arg-type]
