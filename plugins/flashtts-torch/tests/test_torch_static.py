@@ -377,6 +377,17 @@ async def test_near_full_allowed_set_samples_over_its_own_logits(tiny_qwen2_dir:
     assert not excluded & {token for ids in static for token in ids}
 
 
+async def test_loading_writes_no_progress_bar(tiny_qwen2_dir: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    """A server log gets no "Loading weights" progress bar from transformers, and the caller's setting is kept."""
+    from transformers.utils import logging as hf_logging
+
+    assert hf_logging.is_progress_bar_enabled()
+    async with _started(tiny_qwen2_dir):
+        pass
+    assert "Loading weights" not in capfd.readouterr().err
+    assert hf_logging.is_progress_bar_enabled()
+
+
 async def test_rows_joining_and_leaving_midstream(tiny_qwen2_dir: Path) -> None:
     """Requests join a running batch one after another and finish in a different order (rows leave from the
     middle, the last row moves into the hole): every request gets its solo ids."""

@@ -403,6 +403,20 @@ def _available_memory() -> int | None:
     return None
 
 
+def _load_quietly(load: Callable[[], Any]) -> Any:
+    """``load()`` without transformers' "Loading weights" progress bar, which a server would write to its log (a
+    terminal line of carriage returns)."""
+    from transformers.utils import logging as hf_logging
+
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        return load()
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()
+
+
 def _resolve_device(name: str) -> torch.device:
     if name == "auto":
         if torch.cuda.is_available():
@@ -701,7 +715,7 @@ class TorchRuntime:
         }
         if config.attn_implementation:
             kwargs["attn_implementation"] = config.attn_implementation
-        model = AutoModelForCausalLM.from_pretrained(str(model_dir), **kwargs)
+        model = _load_quietly(lambda: AutoModelForCausalLM.from_pretrained(str(model_dir), **kwargs))
         model = model.to(device).eval()
         self._model = model
         text_config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
