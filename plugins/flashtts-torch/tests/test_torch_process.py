@@ -10,6 +10,7 @@ import shutil
 import signal
 import time
 from pathlib import Path
+from typing import Any
 
 import msgspec
 import pytest
@@ -170,6 +171,79 @@ async def test_cancelled_request_frees_its_slot(tiny_qwen2_dir: Path) -> None:
         assert (await backend.health()).running == 0
         result = await generate(backend, make_request(tuple(range(10, 20)), max_tokens=4), 30.0)
         assert result.finish_reason == "length"
+    finally:
+        await backend.shutdown()
+
+
+def test_reporter_sends_counters_that_change_between_iterations() -> None:
+    """An Abort that takes queued work out of the worker's queue changes ``waiting`` with no scheduler iteration to
+    report it (nothing may be running): the worker sends the counters itself, once per change, so the server's
+    health does not keep the old count."""
+    from multiprocessing import Pipe
+    from types import SimpleNamespace
+
+    from flashtts_torch._protocol import Step
+    from flashtts_torch._worker import Reporter
+
+    parent, child = Pipe()
+    reporter = Reporter(child)
+    runtime = SimpleNamespace(num_running=1, num_waiting=2, peak_batch=1, graphs_captured=0)
+    reporter.runtime = runtime  # type: ignore[assignment]
+    decoder = msgspec.msgpack.Decoder(Step)
+
+    reporter.step([])
+    frame = decoder.decode(parent.recv_bytes())
+    assert (frame.running, frame.waiting) == (1, 2)
+    runtime.num_running, runtime.num_waiting = 0, 0  # the queued work was aborted, the running one dropped
+    reporter.counters()
+    frame = decoder.decode(parent.recv_bytes())
+    assert (frame.items, frame.running, frame.waiting) == ([], 0, 0)
+    reporter.counters()  # unchanged: nothing is sent
+    reporter.step([])
+    assert not parent.poll(0.1)
+    runtime.num_running = 1
+    reporter.fail(7, "shutting down")  # an error item carries the current counters, not zeros
+    frame = decoder.decode(parent.recv_bytes())
+    assert frame.items[0].key == 7 and frame.items[0].error == "shutting down"
+    assert frame.running == 1
+    parent.close()
+    child.close()
+
+
+async def test_aborted_queued_requests_leave_the_waiting_count(tiny_qwen2_dir: Path) -> None:
+    """Requests queued behind a running one and then cancelled leave ``waiting`` (and, once the running one is
+    cancelled too, ``running``) at zero in the server's health."""
+    backend = TorchBackend(msgspec.structs.replace(_config(tiny_qwen2_dir, worker="process"), max_batch_size=1))
+    await backend.startup()
+
+    async def first(stream: Any) -> Any:
+        return await stream.__anext__()
+
+    try:
+        running = backend.generate(make_request(tuple(range(10, 30)), max_tokens=200, temperature=1.0, seed=2))
+        await asyncio.wait_for(running.__anext__(), 30)
+        queued = [
+            backend.generate(make_request(tuple(range(10, 20 + i)), max_tokens=200, temperature=1.0, seed=i))
+            for i in range(2)
+        ]
+        waiters = [asyncio.create_task(first(stream)) for stream in queued]
+        for _ in range(1500):
+            if (await backend.health()).waiting == 2:
+                break
+            await asyncio.sleep(0.02)
+        assert (await backend.health()).waiting == 2
+        for task in waiters:
+            task.cancel()
+        await asyncio.gather(*waiters, return_exceptions=True)
+        for stream in queued:
+            await stream.aclose()
+        await running.aclose()
+        for _ in range(1500):  # 30 s
+            health = await backend.health()
+            if not health.running and not health.waiting:
+                break
+            await asyncio.sleep(0.02)
+        assert (health.running, health.waiting) == (0, 0)
     finally:
         await backend.shutdown()
 

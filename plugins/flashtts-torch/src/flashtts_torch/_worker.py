@@ -52,7 +52,10 @@ class Reporter:
 
     def __init__(self, conn: Connection) -> None:
         self._conn = conn
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # one frame at a time on the connection
+        # Counters are read and sent under this lock, by the scheduler thread (each iteration) and by the main thread
+        # (after an Abort): frames leave in the order their counters were read, so the last one is current.
+        self._counters_lock = threading.Lock()
         self._encoder = msgspec.msgpack.Encoder()
         self._counters: tuple[int, int, int, int] | None = None
         self.runtime: TorchRuntime | None = None  # whose counters go with each step (set once it exists)
@@ -76,14 +79,30 @@ class Reporter:
             items.append(StepItem(sequence.key, list(item.token_ids), item.finish_reason))
             if item.finish_reason is not None:
                 self.sequences.pop(sequence.key, None)
-        counters = (runtime.num_running, runtime.num_waiting, runtime.peak_batch, runtime.graphs_captured)
-        if not items and counters == self._counters:
-            return
-        self._counters = counters
-        try:
-            self.send(Step(items, *counters))
-        except OSError:  # the parent is gone; the main thread sees end of file and closes the runtime
-            pass
+        self._report(items)
+
+    def counters(self) -> None:
+        """Send the counters if they changed outside a scheduler iteration: an Abort that takes queued work out of
+        the queue changes ``waiting`` while the scheduler may have nothing left to iterate on, and the parent's
+        health would otherwise keep the old count."""
+        self._report([])
+
+    def fail(self, key: int, message: str) -> None:
+        """End request ``key`` with an error, from the main thread (a Submit refused while shutting down)."""
+        self._report([StepItem(key, [], None, message)])
+
+    def _report(self, items: list[StepItem]) -> None:
+        runtime = self.runtime
+        assert runtime is not None
+        with self._counters_lock:
+            counters = (runtime.num_running, runtime.num_waiting, runtime.peak_batch, runtime.graphs_captured)
+            if not items and counters == self._counters:
+                return
+            self._counters = counters
+            try:
+                self.send(Step(items, *counters))
+            except OSError:  # the parent is gone; the main thread sees end of file and closes the runtime
+                pass
 
 
 def serve(conn: Connection) -> int:
@@ -136,11 +155,12 @@ def serve(conn: Connection) -> int:
                 try:
                     sequences[message.key] = runtime.submit_detached(message.request, message.key)
                 except FlashTTSError as exc:  # shutting down: end the request here
-                    reporter.send(Step([StepItem(message.key, [], None, exc.message)], 0, 0, 0, 0))
+                    reporter.fail(message.key, exc.message)
             elif isinstance(message, Abort):
                 sequence = sequences.pop(message.key, None)
                 if sequence is not None:
                     runtime.abort(sequence)
+                    reporter.counters()
             elif isinstance(message, Close):
                 break
     finally:
