@@ -197,6 +197,7 @@ def test_two_model_batches_at_once_give_their_solo_results(
     chunk's batch beside a running batch of later ones) give each item its solo result, and segments of one request
     planned in both make its duration-LM prompt state once."""
     import threading
+    from concurrent.futures import ThreadPoolExecutor
 
     from flashtts_core.engines.mega import synthesis
 
@@ -220,17 +221,13 @@ def test_two_model_batches_at_once_give_their_solo_results(
         for job in batch:
             job.voice = shared
     start = threading.Barrier(2)
-    results: list[list[Any]] = [[], []]
 
-    def run(index: int) -> None:
+    def run(batch: list[Any]) -> list[Any]:
         start.wait()
-        results[index] = engine._run_jobs(batches[index])
+        return engine._run_jobs(batch)
 
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(120)
+    with ThreadPoolExecutor(2) as pool:  # an exception in either thread is raised here
+        results = list(pool.map(run, batches, timeout=120))
     assert len(calls) == 1
     for got, expected in zip(results, solo, strict=True):
         assert len(got) == len(expected)
